@@ -1,0 +1,44 @@
+"""Errors a user can cause, and output that appears whole or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+
+class UserError(Exception):
+    """A problem with the user's input or options.
+
+    The CLI prints the message as one sentence and exits with code 2; never raise it for bugs.
+    """
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of `final` (file or directory) and move it into place on success.
+
+    On any exception the temporary is removed and `final` is left as it was, so an
+    interrupted or failed command never leaves half-written output under the final name.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    if final.is_dir() and tmp.is_dir():
+        _remove(final)
+    os.replace(tmp, final)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
