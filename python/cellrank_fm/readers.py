@@ -31,8 +31,8 @@ class Chunk:
     """Rows [start, start + n_rows) of one input as CSR buffers plus the requested obs columns."""
 
     start: int
-    indptr: np.ndarray  # [rows + 1]; may start at a non-zero offset into indices/data
-    indices: np.ndarray
+    indptr: np.ndarray  # [rows + 1]; may start at non-zero: row r is indptr[r]-indptr[0] ..
+    indices: np.ndarray  # .. indptr[r+1]-indptr[0] of these (which hold this chunk's rows only)
     data: np.ndarray
     cell_ids: list[str]
     obs: dict[str, np.ndarray | list] = field(default_factory=dict)
@@ -41,12 +41,6 @@ class Chunk:
     def n_rows(self) -> int:
         return len(self.indptr) - 1
 
-    def local(self) -> tuple[np.ndarray, np.ndarray]:
-        """indices/data restricted to this chunk's rows (views when possible)."""
-        a, b = int(self.indptr[0]), int(self.indptr[-1])
-        if a == 0 and b == len(self.indices):
-            return self.indices, self.data
-        return self.indices[a:b], self.data[a:b]
 
 
 class MatrixReader:
