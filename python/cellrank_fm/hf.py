@@ -1,0 +1,63 @@
+"""HuggingFace checkpoints: load published Geneformer weights, export ours for `transformers`.
+
+A HuggingFace BERT checkpoint directory is `config.json` + `model.safetensors` (or
+`pytorch_model.bin`, read with `torch.load(weights_only=True)`, which cannot run code).
+Our parameter names are HuggingFace's, so loading is a name normalisation (old
+`LayerNorm.gamma/beta` spellings, dropped buffers) and a shape check. Geneformer
+directories carry no vocabulary: pass the matching `token_dictionary_*.pkl` /
+`gene_median_dictionary_*.pkl` (or .json) so the model directory we write can tokenize new
+data by itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cellrank_fm.checkpoint import ModelDirInfo, load_model_dir, save_model_dir
+from cellrank_fm.model import _Base
+
+
+def load_hf_checkpoint(
+    path: str | Path,
+    vocabulary: dict[str, int] | None = None,
+    medians: dict[str, float] | None = None,
+    expect: str = "any",
+) -> tuple[_Base, ModelDirInfo]:
+    """Load a HuggingFace BERT directory (e.g. a Geneformer release) as one of our models."""
+    model, info = load_model_dir(path, expect=expect)
+    if vocabulary is not None:
+        info.vocabulary = vocabulary
+    if medians is not None:
+        info.medians = medians
+    if info.vocabulary is not None and len(info.vocabulary) != info.config.vocab_size:
+        from cellrank_fm.errors import UserError
+
+        raise UserError(
+            f"the vocabulary has {len(info.vocabulary):,} tokens but {path} was trained with "
+            f"{info.config.vocab_size:,}; pass the token dictionary that belongs to this checkpoint."
+        )
+    return model, info
+
+
+def export_hf(
+    model: _Base,
+    out_dir: str | Path,
+    info: ModelDirInfo | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> Path:
+    """Write `model` so that `transformers.AutoModelFor*.from_pretrained(out_dir)` loads it.
+
+    Our model directory already is that format (HF config keys, HF names, tied decoder
+    left out as HF does); the vocabulary files ride along when `info` has them.
+    """
+    extra = dict(info.cellrank) if info is not None else {}
+    extra.update(extra_config or {})
+    return save_model_dir(
+        model, out_dir,
+        vocabulary=info.vocabulary if info else None,
+        medians=info.medians if info else None,
+        symbols=info.symbols if info else None,
+        extra_config=extra,
+        labels=info.labels if info else None,
+    )

@@ -1,0 +1,178 @@
+"""Reading a token shard directory (manifest.json + part-NNNNN.parquet) in bounded memory.
+
+Opening a ShardSet reads the manifest and the `length` column of every part (4 bytes a
+cell); token lists are read one part at a time when asked for, and the most recent part is
+kept so that batches drawn from the same part do not re-read it.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from cellrank_fm.errors import UserError
+
+FORMAT = "cellrank-shards"
+
+
+class ShardSet:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise UserError(f"shard directory {self.path} does not exist; make one with `cellrank tokenize`.")
+        manifest_path = self.path / "manifest.json"
+        if not manifest_path.is_file():
+            raise UserError(
+                f"{self.path} holds no manifest.json, so it is not a shard directory; "
+                "make one with `cellrank tokenize`."
+            )
+        try:
+            self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"{manifest_path} is not valid JSON ({err}); re-run `cellrank tokenize`.") from None
+        if self.manifest.get("format") != FORMAT:
+            raise UserError(f"{manifest_path} is not a cellrank shard manifest (format {self.manifest.get('format')!r}).")
+        parts = self.manifest.get("parts") or []
+        self.part_files = [self.path / p["file"] for p in parts]
+        missing = [p.name for p in self.part_files if not p.is_file()]
+        if missing:
+            raise UserError(f"{self.path} lacks {missing[0]} listed in its manifest; re-run `cellrank tokenize` to complete it.")
+        rows = np.array([int(p["rows"]) for p in parts], dtype=np.int64)
+        if rows.sum() == 0:
+            raise UserError(f"{self.path} holds no cells; tokenize an input with cells that pass the filters.")
+        self.part_rows = rows
+        self.part_starts = np.concatenate([[0], np.cumsum(rows)])
+        self._cached_part: int | None = None
+        self._cached_tokens: list[np.ndarray] = []
+
+    # ---- manifest facts
+
+    def __len__(self) -> int:
+        return int(self.part_starts[-1])
+
+    @property
+    def num_parts(self) -> int:
+        return len(self.part_files)
+
+    @property
+    def model_version(self) -> str:
+        return self.manifest.get("model_version", "v1")
+
+    @property
+    def model_input_size(self) -> int | None:
+        return self.manifest.get("model_input_size")
+
+    @property
+    def special_tokens(self) -> dict[str, int | None]:
+        return dict(self.manifest.get("special_tokens") or {})
+
+    @property
+    def vocab_size(self) -> int:
+        size = (self.manifest.get("vocabulary") or {}).get("size")
+        return int(size) if size is not None else len(self.vocabulary)
+
+    @property
+    def vocab_sha256(self) -> str | None:
+        return (self.manifest.get("vocabulary") or {}).get("sha256")
+
+    def _json(self, name: str, required: bool) -> dict:
+        p = self.path / name
+        if not p.is_file():
+            if required:
+                raise UserError(f"{self.path} lacks {name}; re-run `cellrank tokenize`.")
+            return {}
+        return json.loads(p.read_text())
+
+    @cached_property
+    def vocabulary(self) -> dict[str, int]:
+        return self._json("vocabulary.json", required=True)
+
+    @cached_property
+    def medians(self) -> dict[str, float]:
+        return self._json("medians.json", required=False)
+
+    @cached_property
+    def symbols(self) -> dict[str, str]:
+        return self._json("symbols.json", required=False)
+
+    # ---- columns
+
+    @cached_property
+    def lengths(self) -> np.ndarray:
+        """Token count of every cell, uint32 [cells], read from the `length` columns only."""
+        import pyarrow.parquet as pq
+
+        out = np.empty(len(self), dtype=np.uint32)
+        for i, f in enumerate(self.part_files):
+            col = pq.read_table(f, columns=["length"]).column("length").to_numpy()
+            if len(col) != self.part_rows[i]:
+                raise UserError(f"{f} holds {len(col)} rows but the manifest says {self.part_rows[i]}; re-run `cellrank tokenize`.")
+            out[self.part_starts[i] : self.part_starts[i + 1]] = col
+        return out
+
+    def part_of(self, indices: np.ndarray) -> np.ndarray:
+        """Part index of each global cell index."""
+        return np.searchsorted(self.part_starts, np.asarray(indices), side="right") - 1
+
+    def part_range(self, part: int) -> np.ndarray:
+        return np.arange(self.part_starts[part], self.part_starts[part + 1])
+
+    def _part_tokens(self, part: int) -> list[np.ndarray]:
+        if self._cached_part != part:
+            import pyarrow.parquet as pq
+
+            col = pq.read_table(self.part_files[part], columns=["input_ids"]).column("input_ids").combine_chunks()
+            values = col.values.to_numpy(zero_copy_only=False)
+            offsets = col.offsets.to_numpy()
+            self._cached_tokens = [values[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+            self._cached_part = part
+        return self._cached_tokens
+
+    def tokens(self, indices: Sequence[int] | np.ndarray | None = None) -> list[np.ndarray]:
+        """Token arrays of the given cells (global indices, any order), or of every cell."""
+        indices = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64)
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError("cell index out of range")
+        out: list[np.ndarray | None] = [None] * len(indices)
+        parts = self.part_of(indices)
+        for part in np.unique(parts):
+            toks = self._part_tokens(int(part))
+            for j in np.flatnonzero(parts == part):
+                out[j] = toks[indices[j] - self.part_starts[part]]
+        return out  # type: ignore[return-value]
+
+    def column(self, name: str, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray | list:
+        """A per-cell column (metadata, `cell_id`, `source`, `length`) over all parts, or of `indices`."""
+        import pyarrow.parquet as pq
+
+        schema = pq.read_schema(self.part_files[0])
+        if name not in schema.names:
+            have = [n for n in schema.names if n != "input_ids"]
+            raise UserError(f"{self.path} has no column {name!r}; it has {', '.join(have)}.")
+        chunks = [pq.read_table(f, columns=[name]).column(name) for f in self.part_files]
+        import pyarrow as pa
+
+        col = pa.chunked_array([c for ch in chunks for c in ch.chunks], type=chunks[0].type)
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            values = col.to_pylist()
+            return values if indices is None else [values[i] for i in indices]
+        arr = col.to_numpy()
+        return arr if indices is None else arr[np.asarray(indices)]
+
+
+def check_vocabulary(shards: ShardSet, vocab_size: int, vocab_sha256: str | None, what: str) -> None:
+    """Raise UserError unless `shards` were tokenized with the vocabulary `what` (a model) uses."""
+    if shards.vocab_size != vocab_size:
+        raise UserError(
+            f"{shards.path} uses a vocabulary of {shards.vocab_size:,} tokens but {what} has "
+            f"{vocab_size:,}; tokenize with the model's vocabulary (or pick a matching model)."
+        )
+    if vocab_sha256 and shards.vocab_sha256 and vocab_sha256 != shards.vocab_sha256:
+        raise UserError(
+            f"{shards.path} was tokenized with a different vocabulary than {what} "
+            f"(sha256 {shards.vocab_sha256[:12]} vs {vocab_sha256[:12]}); tokenize with the model's vocabulary."
+        )
