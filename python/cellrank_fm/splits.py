@@ -209,14 +209,20 @@ def make_split(
                  labels=lab, dropped=dropped, missing_labels=int(missing.sum()), how=how)
 
 
-def require_column(name: str, available, what: str = "label column") -> None:
-    """UserError naming the available columns when `name` is not one of them."""
+SHARD_HINT = " (keep it when tokenizing: `cellrank tokenize ... --keep-obs {name}`)"
+
+
+def require_column(name: str, available, what: str = "label column", hint: str = "") -> None:
+    """UserError naming the available columns when `name` is not one of them.
+
+    `hint` (may contain `{name}`) says how to get the column, e.g. `SHARD_HINT`.
+    """
     available = list(available)
     if name not in available:
         shown = ", ".join(available) if available else "none"
         raise UserError(
-            f"the {what} {name!r} is not in the data; available columns: {shown} "
-            f"(keep it when tokenizing with `cellrank tokenize --keep-obs {name}`)."
+            f"the {what} {name!r} is not in the data; available columns: {shown}"
+            f"{hint.format(name=name)}."
         )
 
 
@@ -232,6 +238,7 @@ def split_cells(
     validation_fraction: float = 0.1,
     test_fraction: float = 0.1,
     min_class_size: int = 10,
+    hint: str = "",
 ) -> Split:
     """`make_split` over named columns of a table (token shards or an h5ad's obs).
 
@@ -239,13 +246,13 @@ def split_cells(
     """
     if split_by and split_column:
         raise UserError("use either --split-by or --split-column, not both.")
-    require_column(label, available)
+    require_column(label, available, hint=hint)
     groups = splits = None
     if split_by:
-        require_column(split_by, available, "grouping column")
+        require_column(split_by, available, "grouping column", hint)
         groups = list(get_column(split_by))
     if split_column:
-        require_column(split_column, available, "split column")
+        require_column(split_column, available, "split column", hint)
         splits = list(get_column(split_column))
     return make_split(
         list(cell_ids), list(get_column(label)), seed=seed,

@@ -1,0 +1,289 @@
+"""An honest baseline: logistic regression on log-normalised highly variable genes.
+
+It uses the same split (same function, same seed, keyed on cell ids) as `finetune`, so the two
+test figures are directly comparable. Given a shard directory it reads the raw counts back from
+the input files recorded in the manifest (`source` + `cell_id` link each row to its cell).
+Counts stream through in row chunks twice: once over the training cells for gene statistics,
+once to gather the selected genes of the kept cells as a sparse matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import scipy.sparse as sp
+
+from cellrank_fm.errors import UserError
+from cellrank_fm.metrics import classification_metrics
+from cellrank_fm.splits import SHARD_HINT, Split, split_cells
+
+CHUNK_ROWS = 8192
+
+
+@dataclass
+class CellTable:
+    """The cells a baseline trains on: ids, their metadata columns, and where their counts are.
+
+    `rows[i]` = (input file index, row within that file) of cell i.
+    """
+
+    cell_ids: list[str]
+    columns: dict[str, object]  # name -> values per cell
+    files: list[Path]
+    rows: np.ndarray  # int64 [cells, 2]
+    layer: str | None = None
+    from_shards: bool = False
+
+
+def _open(path: Path, layer: str | None = None):
+    from cellrank_fm.readers import open_input
+
+    if not path.exists():
+        raise UserError(f"input file {path} does not exist; the baseline reads the raw counts from it.")
+    return open_input(path, layer=layer)
+
+
+def _ids_and_columns(reader, with_columns: bool = True) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Cell ids and every obs column of one input, without reading the matrix where possible."""
+    names = reader.obs_columns() if with_columns else []
+    if hasattr(reader, "obs") and hasattr(reader.obs, "index"):  # h5ad: columns straight from obs
+        ids = [str(x) for x in reader.obs.index(0, reader.n_rows)]
+        cols = {c: np.asarray(reader.obs_column(c, 0, reader.n_rows), dtype=object) for c in names}
+        return ids, cols
+    ids, parts = [], {c: [] for c in names}
+    step = reader.max_rows_per_read or CHUNK_ROWS
+    for start in range(0, reader.n_rows, step):
+        chunk = reader.read(start, min(start + step, reader.n_rows), names)
+        ids.extend(str(x) for x in chunk.cell_ids)
+        for c in names:
+            parts[c].extend(list(chunk.obs[c]))
+    return ids, {c: np.asarray(v, dtype=object) for c, v in parts.items()}
+
+
+def table_from_file(path: str | Path, layer: str | None = None) -> CellTable:
+    path = Path(path)
+    with _open(path, layer) as reader:
+        ids, columns = _ids_and_columns(reader)
+    n = len(ids)
+    rows = np.stack([np.zeros(n, dtype=np.int64), np.arange(n, dtype=np.int64)], axis=1)
+    return CellTable(ids, columns, [path], rows, layer)
+
+
+def table_from_shards(shard_dir: str | Path) -> CellTable:
+    """The cells of a shard directory, each linked to its row in the recorded input file."""
+    from cellrank_fm.shards import ShardSet
+
+    shards = ShardSet(shard_dir)
+    cell_ids = [str(x) for x in shards.column("cell_id")]
+    sources = [str(x) for x in shards.column("source")]
+    meta = list(shards.manifest.get("metadata_columns", []))
+    columns = {name: np.asarray(shards.column(name), dtype=object) for name in meta}
+    layer = (shards.manifest.get("settings") or {}).get("layer")
+    files: list[Path] = []
+    rows = np.empty((len(cell_ids), 2), dtype=np.int64)
+    by_source: dict[str, list[int]] = {}
+    for i, s in enumerate(sources):
+        by_source.setdefault(s, []).append(i)
+    for source, idx in by_source.items():
+        path = _resolve_source(source, Path(shard_dir), shards.manifest)
+        with _open(path, layer) as reader:
+            names = _ids_and_columns(reader, with_columns=False)[0]
+        # Repeated obs names are matched in order of occurrence, as the tokenizer wrote them.
+        where: dict[str, list[int]] = {}
+        for r, name in enumerate(names):
+            where.setdefault(str(name), []).append(r)
+        used: dict[str, int] = {}
+        k = len(files)
+        files.append(path)
+        for i in idx:
+            cid = cell_ids[i]
+            hits = where.get(cid)
+            j = used.get(cid, 0)
+            if not hits or j >= len(hits):
+                raise UserError(
+                    f"cell {cid!r} of the shards is not in {path}; the input file changed since "
+                    f"tokenizing — pass the input file itself to the baseline instead."
+                )
+            used[cid] = j + 1
+            rows[i] = (k, hits[j])
+    return CellTable(cell_ids, columns, files, rows, layer, from_shards=True)
+
+
+def _resolve_source(source: str, shard_dir: Path, manifest: dict) -> Path:
+    candidates = [Path(source)]
+    for rec in manifest.get("inputs", []):
+        p = Path(str(rec.get("path", "")))
+        if p.name == Path(source).name:
+            candidates.append(p)
+    candidates.append(shard_dir / source)
+    for c in candidates:
+        if c.exists():
+            return c
+    raise UserError(
+        f"the input file {source} recorded in the shard manifest is gone; the baseline needs the "
+        f"raw counts — restore it or pass the h5ad file directly."
+    )
+
+
+def load_table(path: str | Path) -> CellTable:
+    """A shard directory (has manifest.json) or an input file any reader understands."""
+    path = Path(path)
+    if path.is_dir():
+        return table_from_shards(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist; pass a shard directory or an input file (.h5ad, ...).")
+    return table_from_file(path)
+
+
+def iter_normalised(table: CellTable, cells: np.ndarray) -> Iterator[tuple[np.ndarray, sp.csr_matrix, list[str]]]:
+    """Yield (cell positions, counts/total×1e4 as CSR, the file's gene names) chunk by chunk.
+
+    Totals are over all genes of the cell's input file. Only rows of `cells` are yielded.
+    """
+    cells = np.asarray(cells, dtype=np.int64)
+    for k, path in enumerate(table.files):
+        mine = cells[table.rows[cells, 0] == k]
+        if len(mine) == 0:
+            continue
+        file_rows = table.rows[mine, 1]
+        order = np.argsort(file_rows, kind="stable")
+        mine, file_rows = mine[order], file_rows[order]
+        with _open(path, table.layer) as reader:
+            var_names = list(reader.var_names)
+            step = reader.max_rows_per_read or CHUNK_ROWS
+            for start in range(0, reader.n_rows, step):
+                stop = min(start + step, reader.n_rows)
+                lo, hi = np.searchsorted(file_rows, [start, stop])
+                if lo == hi:
+                    continue
+                chunk = reader.read(start, stop)
+                x = sp.csr_matrix((np.asarray(chunk.data, dtype=np.float64), chunk.indices,
+                                   chunk.indptr - chunk.indptr[0]),
+                                  shape=(chunk.n_rows, len(var_names)))[file_rows[lo:hi] - start]
+                if x.nnz and (np.isnan(x.data).any() or x.data.min() < 0):
+                    raise UserError(f"{path} has negative or NaN counts; the baseline needs raw counts.")
+                total = np.asarray(x.sum(axis=1)).ravel()
+                scale = np.divide(1e4, total, out=np.zeros_like(total), where=total > 0)
+                yield mine[lo:hi], sp.diags(scale) @ x, var_names
+
+
+def highly_variable_genes(table: CellTable, train: np.ndarray, n_top_genes: int) -> list[str]:
+    """Top genes by dispersion normalised within 20 mean bins (Seurat flavour), TRAIN cells only."""
+    sums: dict[str, np.ndarray] = {}
+    count = 0
+    for _, x, var_names in iter_normalised(table, train):
+        s1 = np.asarray(x.sum(axis=0)).ravel()
+        s2 = np.asarray(x.multiply(x).sum(axis=0)).ravel()
+        for name, a, b in zip(var_names, s1, s2):
+            acc = sums.setdefault(name, np.zeros(2))
+            acc[0] += a
+            acc[1] += b
+        count += x.shape[0]
+    names = list(sums)
+    s = np.array([sums[g] for g in names])
+    mean = s[:, 0] / count
+    var = np.maximum(s[:, 1] / count - mean**2, 0) * count / max(count - 1, 1)
+    expressed = mean > 0
+    names = [g for g, e in zip(names, expressed) if e]
+    mean, var = mean[expressed], var[expressed]
+    disp = np.log(np.maximum(var / mean, 1e-12))
+    bins = np.digitize(np.log1p(mean), np.linspace(np.log1p(mean).min(), np.log1p(mean).max(), 21)[1:-1])
+    norm = np.zeros_like(disp)
+    for b in np.unique(bins):
+        m = bins == b
+        sd = disp[m].std(ddof=1) if m.sum() > 1 else 0.0
+        norm[m] = (disp[m] - disp[m].mean()) / sd if sd > 0 else 0.0
+    order = np.lexsort((np.array(names), -norm))  # ties by gene name, for determinism
+    return [names[i] for i in order[:n_top_genes]]
+
+
+def gather_features(table: CellTable, cells: np.ndarray, genes: list[str]) -> sp.csr_matrix:
+    """log1p(counts/total×1e4) of `genes` for `cells` (rows in `cells` order)."""
+    gene_index = {g: j for j, g in enumerate(genes)}
+    pos = {int(c): i for i, c in enumerate(cells)}
+    blocks, where = [], []
+    for idx, x, var_names in iter_normalised(table, cells):
+        cols = np.array([gene_index.get(g, -1) for g in var_names])
+        have = np.flatnonzero(cols >= 0)
+        sub = x[:, have].tocoo()
+        m = sp.csr_matrix((np.log1p(sub.data), (sub.row, cols[have][sub.col])),
+                          shape=(x.shape[0], len(genes)))
+        blocks.append(m)
+        where.extend(pos[int(c)] for c in idx)
+    out = sp.vstack(blocks).tocsr() if blocks else sp.csr_matrix((0, len(genes)))
+    inv = np.empty(len(where), dtype=np.int64)
+    inv[np.asarray(where, dtype=np.int64)] = np.arange(len(where))
+    return out[inv]
+
+
+def run_baseline(
+    data: str | Path,
+    label: str,
+    *,
+    split: Split | None = None,
+    table: CellTable | None = None,
+    n_top_genes: int = 2000,
+    seed: int = 0,
+    split_by: str | None = None,
+    split_column: str | None = None,
+    validation_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    min_class_size: int = 10,
+    class_weight: bool = True,
+    c_grid=(0.01, 0.1, 1.0),
+) -> dict:
+    """Fit the baseline and return its test metrics (the metrics.json content).
+
+    The regularisation strength is chosen on the validation split by macro-F1, the same
+    criterion `finetune` uses for early stopping.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    table = table or load_table(data)
+    if split is None:
+        split = split_cells(
+            table.cell_ids, table.columns.__getitem__, table.columns, label=label,
+            split_by=split_by, split_column=split_column, seed=seed,
+            validation_fraction=validation_fraction, test_fraction=test_fraction,
+            min_class_size=min_class_size, hint=SHARD_HINT if table.from_shards else "",
+        )
+    genes = highly_variable_genes(table, split.train, n_top_genes)
+    scaler = None
+    feats = {}
+    for name in ("train", "validation", "test"):
+        x = gather_features(table, split.indices(name), genes)
+        if scaler is None:
+            scaler = StandardScaler(with_mean=False).fit(x)
+        feats[name] = scaler.transform(x)
+    y = {name: split.codes(name) for name in ("train", "validation", "test")}
+
+    def fit(c):
+        model = LogisticRegression(C=c, max_iter=2000, class_weight="balanced" if class_weight else None,
+                                   random_state=seed)
+        return model.fit(feats["train"], y["train"])
+
+    chosen, best = c_grid[0], -1.0
+    if len(y["validation"]) and len(c_grid) > 1:
+        for c in c_grid:
+            f1 = classification_metrics(y["validation"], fit(c).predict(feats["validation"]),
+                                        split.classes)["macro_f1"]
+            if f1 > best + 1e-12:
+                chosen, best = c, f1
+    model = fit(chosen)
+    result = classification_metrics(y["test"], model.predict(feats["test"]), split.classes)
+    result.update({
+        "model": "logistic regression on log-normalised highly variable genes",
+        "label_column": label,
+        "genes": len(genes),
+        "C": chosen,
+        "validation_macro_f1": best if best >= 0 else None,
+        "split": {"how": split.how, "seed": seed, "train": len(split.train),
+                  "validation": len(split.validation), "test": len(split.test),
+                  "dropped_classes": split.dropped},
+        "messages": split.messages() + [split.summary()],
+    })
+    return result

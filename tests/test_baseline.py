@@ -1,0 +1,68 @@
+import json
+
+import numpy as np
+import pytest
+
+from cellrank_fm.baseline import highly_variable_genes, load_table, run_baseline
+from cellrank_fm.cli import main
+from cellrank_fm.simulate import simulate_corpus
+from cellrank_fm.splits import make_split
+
+
+@pytest.fixture(scope="module")
+def sim_h5ad(tmp_path_factory):
+    adata, _, _ = simulate_corpus(n_cells=400, n_genes=300, seed=4)
+    path = tmp_path_factory.mktemp("sim") / "sim.h5ad"
+    adata.write_h5ad(path)
+    return path, adata
+
+
+def test_baseline_learns_planted_states(sim_h5ad):
+    path, adata = sim_h5ad
+    r = run_baseline(path, "cell_state", n_top_genes=200, seed=1)
+    assert r["classes"] == ["alpha", "beta", "gamma"]
+    assert r["macro_f1"] > 0.9
+    assert sum(r["per_class"][c]["support"] for c in r["classes"]) == r["split"]["test"] == 3 * 13
+    # The disease label depends on a disjoint planted driver set: also learnable.
+    assert run_baseline(path, "condition", n_top_genes=200, seed=1)["macro_f1"] > 0.8
+
+
+def test_gene_selection_sees_training_cells_only(tmp_path, sim_h5ad):
+    _, adata = sim_h5ad
+    adata = adata.copy()
+    table = load_table(sim_h5ad[0])
+    split = make_split(table.cell_ids, table.columns["cell_state"], seed=0)
+    # A gene that varies wildly, but only in test cells, must not be picked from the train split.
+    x = adata.X.toarray()
+    x[:, 0] = 0
+    x[split.test, 0] = np.random.default_rng(0).integers(0, 500, size=len(split.test))
+    import scipy.sparse as sp
+
+    adata.X = sp.csr_matrix(x)
+    path = tmp_path / "leak.h5ad"
+    adata.write_h5ad(path)
+    table = load_table(path)
+    gene = str(adata.var_names[0])
+    assert gene not in highly_variable_genes(table, split.train, 50)
+    everyone = np.arange(adata.n_obs)
+    assert gene in highly_variable_genes(table, everyone, 50)
+
+
+def test_baseline_on_real_kang(shared_data, tmp_path):
+    out = tmp_path / "bl"
+    main(["baseline", str(shared_data / "sc" / "kang2017_pbmc_ifnb_2k.h5ad"), "--label", "condition",
+          "--out", str(out)])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["classes"] == ["ctrl", "stim"] and m["cells"] == 200
+    assert m["macro_f1"] > 0.9
+    assert np.array(m["confusion_matrix"]).sum() == 200
+    assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_missing_label_column_exits_2(sim_h5ad, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["baseline", str(sim_h5ad[0]), "--label", "celltype", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "'celltype'" in err and "cell_state" in err
+    assert not (tmp_path / "o").exists()
