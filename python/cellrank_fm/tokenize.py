@@ -1,0 +1,653 @@
+"""Raw counts -> rank-value token shards: reader -> gene plan -> Rust core -> shard writer.
+
+Inputs are read in chunks of `chunk_cells` rows; each part file holds a fixed range of
+`part_cells` input rows, so `--resume` can skip parts that were completed before an
+interruption (it refuses when any setting or input file changed). `manifest.json` is written
+last, atomically: a directory without one is not a finished shard set.
+
+Recognised share of counts: measured on the first chunk of each input (cheap and, for the
+usual randomly ordered cells, representative); the share of genes is exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from cellrank_fm.errors import UserError, atomic_path
+from cellrank_fm.genes import (
+    ColumnPlan,
+    GeneMapping,
+    build_plan,
+    counts_share,
+    load_gene_set,
+    load_mapping,
+    looks_like_ensembl,
+    resolve_gene_set,
+    symbols_for,
+)
+from cellrank_fm.readers import Chunk, MatrixReader, expand_inputs, open_input
+from cellrank_fm.vocab import (
+    content_sha256,
+    load_medians,
+    load_vocabulary,
+    preset,
+    save_json_mapping,
+    special_tokens,
+    token_dtype,
+)
+
+FORMAT = "cellrank-shards"
+FORMAT_VERSION = 1
+RUN_FILE = ".cellrank-run.json"
+PROGRESS_FILE = ".cellrank-progress.jsonl"
+FULL_HASH_LIMIT = 1 << 30  # inputs above 1 GiB get a hash of their first 64 MiB (plus size)
+_CORE_ROW_ERROR = re.compile(r"row (\d+) column (\d+)")
+
+
+@dataclass
+class TokenizeSettings:
+    """Every option that changes the shards; recorded in the manifest and checked on resume."""
+
+    model_version: str = "v1"
+    model_input_size: int | None = None
+    gene_id_column: str | None = None
+    layer: str | None = None
+    orientation: str = "auto"
+    allow_float: bool = False
+    keep_obs: list[str] = field(default_factory=list)
+    part_cells: int = 65_536
+    genes_file: str | None = None
+    genes_column: str | None = None
+
+    def resolved_input_size(self) -> int:
+        return int(self.model_input_size or preset(self.model_version).model_input_size)
+
+
+@dataclass
+class Dictionaries:
+    """Vocabulary, medians, mapping and gene set as loaded, with where they came from."""
+
+    vocabulary: dict[str, int]
+    medians: dict[str, float]
+    vocabulary_source: str = "<memory>"
+    medians_source: str = "<memory>"
+    mapping: GeneMapping | None = None
+    gene_set: set[str] | None = None
+    gene_set_info: dict | None = None
+
+    @classmethod
+    def load(cls, vocab_path, medians_path, mapping_paths=(), genes_file=None, genes_column=None):
+        vocabulary = load_vocabulary(vocab_path)
+        medians = load_medians(medians_path)
+        mapping = load_mapping(list(mapping_paths)) if mapping_paths else None
+        d = cls(vocabulary, medians, str(vocab_path), str(medians_path), mapping)
+        if genes_file:
+            d.set_gene_set(load_gene_set(genes_file, genes_column), str(genes_file))
+        return d
+
+    def set_gene_set(self, labels: Sequence[str], source: str) -> None:
+        ids, missing = resolve_gene_set(labels, self.mapping, self.vocabulary)
+        in_vocab = {g for g in ids if g in self.vocabulary}
+        if not in_vocab:
+            hint = "" if self.mapping else "; symbols need --gene-map"
+            raise UserError(f"none of the {len(labels)} genes in {source} is in the vocabulary{hint}")
+        self.gene_set = in_vocab
+        self.gene_set_info = {"source": source, "size": len(in_vocab), "listed": len(labels), "unresolved": missing}
+
+
+@dataclass
+class InputPlan:
+    path: Path
+    reader: MatrixReader
+    plan: ColumnPlan
+    has_n_counts: bool
+    has_filter: bool
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared building blocks (used by tokenize, medians and in-memory tokenization).
+
+
+def gene_labels(reader: MatrixReader, gene_id_column: str | None) -> tuple[list[str], list[str] | None]:
+    """Labels to resolve, plus display symbols when IDs come from a column and var_names are symbols."""
+    if gene_id_column:
+        labels = reader.var_column(gene_id_column)
+        names = reader.var_names
+        symbols = names if sum(map(looks_like_ensembl, names[:500])) < 0.5 * min(500, len(names)) else None
+        if symbols is None and "gene_symbols" in reader.var_columns() and gene_id_column != "gene_symbols":
+            symbols = reader.var_column("gene_symbols")
+        return labels, symbols
+    symbols = reader.var_column("gene_symbols") if "gene_symbols" in reader.var_columns() else None
+    return reader.var_names, symbols
+
+
+def plan_for(reader: MatrixReader, dicts: Dictionaries, gene_id_column: str | None) -> ColumnPlan:
+    labels, symbols = gene_labels(reader, gene_id_column)
+    plan = build_plan(labels, dicts.vocabulary, dicts.medians, dicts.mapping, dicts.gene_set, symbols)
+    if plan.n_recognised == 0:
+        examples = ", ".join(repr(x) for x in labels[:3])
+        cols = [c for c in reader.var_columns() if c != gene_id_column]
+        where = f"column {gene_id_column!r}" if gene_id_column else "var_names"
+        hint = f"name a column of Ensembl IDs with --gene-id-column (gene columns: {', '.join(cols[:8])})" if cols else "use Ensembl IDs"
+        if not dicts.mapping:
+            hint += ", or pass --gene-map for symbols"
+        raise UserError(f"{reader.path}: none of the {plan.n_columns} genes in {where} (e.g. {examples}) is in the vocabulary; {hint}")
+    if plan.n_used == 0:
+        raise UserError(f"{reader.path}: no gene of the gene set is among its recognised genes")
+    return plan
+
+
+def obs_flags(reader: MatrixReader) -> tuple[bool, bool]:
+    cols = set(reader.obs_columns())
+    return "n_counts" in cols, "filter_pass" in cols
+
+
+def row_totals(chunk: Chunk, exclude: np.ndarray | None = None) -> np.ndarray:
+    """Per-row sum over all (or all non-excluded) columns, in float64."""
+    data = chunk.data.astype(np.float64)
+    if exclude is not None:
+        data = np.where(exclude[chunk.indices], 0.0, data)
+    cs = np.concatenate([[0.0], np.cumsum(data)])
+    base = chunk.indptr - chunk.indptr[0]
+    return cs[base[1:]] - cs[base[:-1]]
+
+
+def chunk_counts(chunk: Chunk, reader: MatrixReader, has_n_counts: bool, has_filter: bool):
+    """n_counts for the core (None = let the core sum) and the filter_pass mask (None = all)."""
+    keep = None
+    if has_filter:
+        fp = np.asarray(chunk.obs["filter_pass"], dtype=object)
+        keep = np.array([v is not None and v == 1 for v in fp], dtype=bool)
+    n_counts = None
+    if has_n_counts:
+        n_counts = np.asarray(chunk.obs["n_counts"], dtype=np.float64)
+    exclude = getattr(reader, "non_gex", None)
+    if n_counts is None and (exclude is not None or (keep is not None and not keep.all())):
+        n_counts = row_totals(chunk, exclude)
+    if keep is not None and not keep.all():
+        n_counts = n_counts.copy()
+        n_counts[~keep] = 0.0  # the core returns no tokens for such rows
+    return n_counts, keep
+
+
+def run_core(chunk: Chunk, plan: ColumnPlan, n_counts, max_genes: int, prefix: int, suffix: int, source: str):
+    from cellrank_fm import _core
+
+    if n_counts is not None and np.isnan(n_counts).any():
+        r = int(np.flatnonzero(np.isnan(n_counts))[0])
+        raise UserError(f"{source}: cell {chunk.start + r} ({chunk.cell_ids[r]}) has a missing n_counts value")
+    try:
+        return _core.tokenize_csr(
+            chunk.indptr, chunk.indices, chunk.data, n_counts, plan.col_token, plan.col_median,
+            max_genes, prefix, suffix,
+        )
+    except ValueError as err:
+        m = _CORE_ROW_ERROR.search(str(err))
+        if m is None:
+            raise
+        r = int(m.group(1))
+        raise UserError(
+            f"{source}: cell {chunk.start + r} ({chunk.cell_ids[r]}) has a negative or NaN count "
+            f"in column {int(m.group(2))}; cellrank expects raw, non-negative counts"
+        ) from None
+
+
+def _model_tokens(settings_version: str, vocabulary: Mapping[str, int]) -> tuple[int, int, int, dict]:
+    p = preset(settings_version)
+    specials = special_tokens(vocabulary, settings_version)
+    prefix = specials["cls"] if p.add_cls else -1
+    suffix = specials["eos"] if p.add_eos else -1
+    return (-1 if prefix is None else prefix), (-1 if suffix is None else suffix), (2 if p.add_cls else 0), specials
+
+
+def _fingerprint(path: Path, full_hash: bool = True) -> dict:
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    size = sum(p.stat().st_size for p in files)
+    out: dict[str, Any] = {"path": str(path), "bytes": size}
+    if full_hash:
+        h = hashlib.sha256()
+        head_only = size > FULL_HASH_LIMIT
+        for p in files:
+            with open(p, "rb") as fh:
+                remaining = 64 << 20 if head_only else None
+                while remaining is None or remaining > 0:
+                    block = fh.read(8 << 20 if remaining is None else min(8 << 20, remaining))
+                    if not block:
+                        break
+                    h.update(block)
+                    if remaining is not None:
+                        remaining -= len(block)
+        out["sha256" if not head_only else "sha256_first_64MiB"] = h.hexdigest()
+    return out
+
+
+def _warn(msg: str, warnings_list: list[str], quiet: bool) -> None:
+    warnings_list.append(msg)
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def _say(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards on disk.
+
+
+def tokenize_files(
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    dicts: Dictionaries,
+    settings: TokenizeSettings | None = None,
+    *,
+    chunk_cells: int = 8192,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    fail_after_rows: int | None = None,
+) -> dict:
+    """Tokenize inputs (files, Matrix Market directories, directories of them) into one shard set.
+
+    Returns the manifest. `fail_after_rows` raises once that many input rows were processed
+    (used by tests to check what an interrupted run leaves behind).
+    """
+    from cellrank_fm import __version__
+    from cellrank_fm._core import ShardWriter
+
+    settings = settings or TokenizeSettings()
+    out = Path(out_dir)
+    paths = expand_inputs(inputs)
+    max_genes_total = settings.resolved_input_size()
+    prefix, suffix, n_special, specials = _model_tokens(settings.model_version, dicts.vocabulary)
+    max_genes = max_genes_total - n_special
+    if max_genes <= 0:
+        raise UserError(f"model input size {max_genes_total} leaves no room for genes")
+    if settings.part_cells < 1 or chunk_cells < 1:
+        raise UserError("--part-cells and --chunk-cells must be positive")
+    tdtype = token_dtype(dicts.vocabulary)
+    warnings_list: list[str] = []
+
+    # Open every input first so a bad file or option fails before anything is written.
+    plans: list[InputPlan] = []
+    try:
+        for path in paths:
+            reader = open_input(path, settings.layer, settings.orientation, _gene_predicate(dicts))
+            plans.append(InputPlan(path, reader, plan_for(reader, dicts, settings.gene_id_column), *obs_flags(reader)))
+            missing = [c for c in settings.keep_obs if c not in reader.obs_columns()]
+            if missing:
+                raise UserError(reader._missing_obs(missing[0]))
+        vocab_sha = content_sha256(dicts.vocabulary)
+        medians_used = {g: dicts.medians[g] for g in dicts.vocabulary if g in dicts.medians}
+        medians_sha = content_sha256(medians_used)
+        run_record = {
+            "settings": asdict(settings),
+            "vocabulary_sha256": vocab_sha,
+            "medians_sha256": medians_sha,
+            "gene_set": dicts.gene_set_info,
+            "gene_map": dicts.mapping.sources if dicts.mapping else [],
+            "inputs": [
+                {"path": str(p.path), "bytes": _fingerprint(p.path, full_hash=False)["bytes"],
+                 "mtime_ns": p.path.stat().st_mtime_ns, "rows": p.reader.n_rows} for p in plans
+            ],
+        }
+        done = _prepare_out_dir(out, run_record, resume, overwrite)
+        if done is not None:
+            _say(f"{out} is already complete ({done['cells']['written']} cells)", quiet)
+            return done
+        return _tokenize_into(
+            out, plans, dicts, settings, run_record, chunk_cells, max_genes, prefix, suffix, specials,
+            tdtype, medians_used, vocab_sha, medians_sha, warnings_list, quiet, __version__, ShardWriter,
+            fail_after_rows,
+        )
+    finally:
+        for p in plans:
+            p.reader.close()
+
+
+def _gene_predicate(dicts: Dictionaries):
+    vocab = dicts.vocabulary
+    mapping = dicts.mapping
+
+    def is_gene(label: str) -> bool:
+        if looks_like_ensembl(label) or label in vocab:
+            return True
+        return mapping is not None and mapping.lookup(label) is not None
+
+    return is_gene
+
+
+def _prepare_out_dir(out: Path, run_record: dict, resume: bool, overwrite: bool) -> dict | None:
+    """Create/validate the output directory; returns the manifest if a resumed run is complete."""
+    manifest_path = out / "manifest.json"
+    run_path = out / RUN_FILE
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} exists and is not a directory")
+    ours = out.exists() and (manifest_path.exists() or run_path.exists())
+    if out.exists() and any(out.iterdir()):
+        if resume and ours:
+            if manifest_path.exists():
+                manifest = json.loads(manifest_path.read_text())
+                _check_same(manifest.get("run", {}), run_record, out)
+                return manifest
+            _check_same(json.loads(run_path.read_text()), run_record, out)
+            return None
+        if overwrite and ours:
+            shutil.rmtree(out)
+        elif overwrite:
+            raise UserError(f"{out} holds files that are not a cellrank shard set; refusing to overwrite it")
+        else:
+            raise UserError(f"{out} already exists and is not empty; pass --resume to continue it or --overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(run_path) as tmp:
+        tmp.write_text(json.dumps(run_record, indent=1))
+    (out / PROGRESS_FILE).unlink(missing_ok=True)
+    return None
+
+
+def _check_same(old: dict, new: dict, out: Path) -> None:
+    for key in new:
+        if json.dumps(old.get(key), sort_keys=True) != json.dumps(new[key], sort_keys=True):
+            raise UserError(
+                f"cannot resume {out}: its {key.replace('_', ' ')} differ from this run's; rerun with "
+                "the same inputs and options, or pass --overwrite to start again"
+            )
+
+
+def _completed_parts(out: Path) -> dict[int, dict]:
+    """Parts finished by an earlier run: a progress record AND (unless empty) the part file."""
+    done: dict[int, dict] = {}
+    progress = out / PROGRESS_FILE
+    if not progress.exists():
+        return done
+    for line in progress.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the interruption
+        if rec["written"] == 0 or (out / rec["file"]).exists():
+            done[rec["index"]] = rec
+    return done
+
+
+def _tokenize_into(out, plans, dicts, settings, run_record, chunk_cells, max_genes, prefix, suffix,
+                   specials, tdtype, medians_used, vocab_sha, medians_sha, warnings_list, quiet,
+                   version, ShardWriter, fail_after_rows):
+    from cellrank_fm.progress import progress_bar
+
+    done = _completed_parts(out)
+    for stale in out.glob("part-*.parquet"):
+        idx = int(stale.stem.split("-")[1])
+        if idx not in done:
+            stale.unlink()  # written but never recorded: redo it
+    for stale in out.glob(".part-*"):
+        stale.unlink()
+    meta_schema = _meta_schema(plans, settings.keep_obs)
+    writer = ShardWriter(str(out), tdtype, meta_schema)
+    part_records: dict[int, dict] = dict(done)
+    input_stats = []
+    part_index = 0
+    rows_seen = 0
+    total_rows = sum(p.reader.n_rows for p in plans)
+    nonint = nnz = 0
+    gene_reports = []
+    symbols: dict[str, str] = {}
+    try:
+        with progress_bar("cells", quiet=quiet) as bar, open(out / PROGRESS_FILE, "a") as progress:
+            task = bar.add_task("tokenizing", total=total_rows)
+            for ip in plans:
+                reader, plan = ip.reader, ip.plan
+                source = ip.path.name
+                obs_cols = list(dict.fromkeys(
+                    list(settings.keep_obs) + ["n_counts"] * ip.has_n_counts + ["filter_pass"] * ip.has_filter))
+                stats = {"path": str(ip.path), "rows": reader.n_rows, "kept": 0, "filtered_out": 0, "empty": 0}
+                share_counts = None
+                symbols.update({k: v for k, v in plan.symbols.items() if k not in symbols})
+                for part_start in range(0, reader.n_rows, settings.part_cells):
+                    part_stop = min(reader.n_rows, part_start + settings.part_cells)
+                    if part_index in done:
+                        rec = done[part_index]
+                        for k in ("kept", "filtered_out", "empty"):
+                            stats[k] += rec[k]
+                        part_index += 1
+                        bar.advance(task, part_stop - part_start)
+                        rows_seen += part_stop - part_start
+                        continue
+                    rec = {"index": part_index, "file": f"part-{part_index:05d}.parquet", "kept": 0,
+                           "filtered_out": 0, "empty": 0, "written": 0}
+                    opened = False
+                    step = min(chunk_cells, reader.max_rows_per_read or chunk_cells)
+                    for start in range(part_start, part_stop, step):
+                        stop = min(part_stop, start + step)
+                        chunk = reader.read(start, stop, obs_cols)
+                        if share_counts is None:
+                            share_counts = counts_share(plan, chunk.indices, chunk.data)
+                        n_counts, keep = chunk_counts(chunk, reader, ip.has_n_counts, ip.has_filter)
+                        tokens, offsets, n_nonint = run_core(chunk, plan, n_counts, max_genes, prefix, suffix, str(ip.path))
+                        nonint += int(n_nonint)
+                        nnz += len(chunk.data)
+                        lengths = np.diff(offsets)
+                        nonempty = lengths > 0
+                        filtered = int((~keep).sum()) if keep is not None else 0
+                        rec["filtered_out"] += filtered
+                        rec["empty"] += int((~nonempty).sum()) - filtered
+                        n_kept = int(nonempty.sum())
+                        if n_kept:
+                            if not nonempty.all():
+                                offsets = np.concatenate([offsets[:1], offsets[1:][nonempty]])
+                            rows = np.flatnonzero(nonempty)
+                            cell_ids = [chunk.cell_ids[i] for i in rows]
+                            meta = _meta_values(chunk, settings.keep_obs, meta_schema, rows)
+                            if not opened:
+                                writer.begin_part(part_index)
+                                opened = True
+                            writer.write(tokens, offsets, cell_ids, source, meta)
+                            rec["written"] += n_kept
+                        rows_seen += stop - start
+                        bar.advance(task, stop - start)
+                        if fail_after_rows is not None and rows_seen >= fail_after_rows:
+                            raise RuntimeError(f"interrupted after {rows_seen} rows (test hook)")
+                    if opened:
+                        writer.end_part()
+                    rec["kept"] = rec["written"]
+                    progress.write(json.dumps(rec) + "\n")
+                    progress.flush()
+                    part_records[part_index] = rec
+                    for k in ("kept", "filtered_out", "empty"):
+                        stats[k] += rec[k]
+                    part_index += 1
+                input_stats.append(stats)
+                gene_reports.append({"path": str(ip.path), **plan.report(),
+                                     "share_counts_first_chunk": None if share_counts is None else round(share_counts, 6)})
+                _report_genes(ip, plan, share_counts, warnings_list, quiet)
+        rows_by_part = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    for idx, rows in rows_by_part.items():
+        if part_records[idx]["written"] != rows:
+            raise RuntimeError(f"part {idx}: writer reports {rows} rows, expected {part_records[idx]['written']}")
+    if nnz and nonint and not settings.allow_float:
+        _warn(f"{nonint / nnz:.2%} of the stored values are not integers; cellrank expects raw counts "
+              "(pass --allow-float for TPM/FPKM input)", warnings_list, quiet)
+    totals = {k: sum(s[k] for s in input_stats) for k in ("rows", "kept", "filtered_out", "empty")}
+    if totals["kept"] == 0:
+        raise UserError("no cell was left to tokenize (all were filtered out or had no vocabulary gene)")
+    fingerprints = [_fingerprint(ip.path) for ip in plans]
+    for fp, st in zip(fingerprints, input_stats):
+        fp.update({k: st[k] for k in ("rows", "kept", "filtered_out", "empty")})
+    if dicts.mapping:
+        symbols.update({k: v for k, v in dicts.mapping.symbols.items() if k not in symbols})
+    symbols = symbols_for(dicts.vocabulary, symbols)
+    save_json_mapping(dicts.vocabulary, out / "vocabulary.json")
+    save_json_mapping(medians_used, out / "medians.json")
+    save_json_mapping(symbols, out / "symbols.json")
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "package_version": version,
+        "model_version": settings.model_version,
+        "model_input_size": settings.resolved_input_size(),
+        "special_tokens": specials,
+        "vocabulary": {"sha256": vocab_sha, "size": len(dicts.vocabulary), "source": dicts.vocabulary_source},
+        "medians": {"sha256": medians_sha, "source": dicts.medians_source, "size": len(medians_used)},
+        "token_dtype": tdtype,
+        "parts": [{"file": part_records[i]["file"], "rows": part_records[i]["written"]}
+                  for i in sorted(part_records) if part_records[i]["written"] > 0],
+        "inputs": fingerprints,
+        "cells": {"input": totals["rows"], "filtered_out": totals["filtered_out"], "empty": totals["empty"],
+                  "written": totals["kept"]},
+        "genes": {"inputs": gene_reports, "gene_map": dicts.mapping.sources if dicts.mapping else []},
+        "metadata_columns": list(settings.keep_obs),
+        "gene_set": dicts.gene_set_info,
+        "settings": {**asdict(settings), "model_input_size": settings.resolved_input_size()},
+        "warnings": warnings_list,
+        "run": run_record,
+    }
+    with atomic_path(out / "manifest.json") as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1))
+    (out / PROGRESS_FILE).unlink(missing_ok=True)
+    (out / RUN_FILE).unlink(missing_ok=True)
+    _say(f"wrote {totals['kept']:,} cells to {out} ({len(manifest['parts'])} parts; "
+         f"{totals['filtered_out']:,} filtered out, {totals['empty']:,} without a vocabulary gene)", quiet)
+    return manifest
+
+
+def _report_genes(ip: InputPlan, plan: ColumnPlan, share_counts, warnings_list, quiet) -> None:
+    counts_txt = "" if share_counts is None else f", {share_counts:.1%} of counts"
+    _say(f"{ip.path.name}: {plan.n_recognised:,} of {plan.n_columns:,} genes recognised "
+         f"({plan.share_recognised:.1%}{counts_txt}); {plan.n_merged:,} duplicate columns summed", quiet)
+    if plan.share_recognised < 0.5 or (share_counts is not None and share_counts < 0.5):
+        _warn(f"{ip.path.name}: under half of the genes or counts are in the vocabulary "
+              f"({plan.share_recognised:.1%} of genes{counts_txt}); check --gene-id-column and --gene-map",
+              warnings_list, quiet)
+
+
+def _meta_schema(plans: list[InputPlan], keep_obs: Sequence[str]) -> list[tuple[str, str]]:
+    schema = []
+    for name in keep_obs:
+        reserved = {"input_ids", "length", "cell_id", "source"}
+        if name in reserved:
+            raise UserError(f"--keep-obs column {name!r} clashes with a shard column; rename it first")
+        sample = plans[0].reader.read(0, min(1, plans[0].reader.n_rows), [name]).obs[name]
+        arr = np.asarray(sample)
+        if arr.dtype.kind == "b":
+            kind = "bool"
+        elif arr.dtype.kind in "iu":
+            kind = "i64"
+        elif arr.dtype.kind == "f":
+            kind = "f64"
+        else:
+            kind = "str"
+        schema.append((name, kind))
+    return schema
+
+
+def _meta_values(chunk: Chunk, keep_obs, schema, rows: np.ndarray) -> dict:
+    meta = {}
+    for name, kind in schema:
+        values = chunk.obs[name]
+        if kind == "str":
+            meta[name] = ["" if values[i] is None else str(values[i]) for i in rows]
+        else:
+            dtype = {"bool": np.bool_, "i64": np.int64, "f64": np.float64}[kind]
+            meta[name] = np.asarray(values)[rows].astype(dtype)
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# In memory (predict, embed, explain, perturb, demo).
+
+
+@dataclass
+class InMemoryTokens:
+    tokens: list[np.ndarray]
+    ok: np.ndarray
+    cell_ids: list[str]
+    obs: Any
+    report: dict
+
+
+def tokenize_in_memory(
+    path_or_anndata,
+    vocabulary: Mapping[str, int],
+    medians: Mapping[str, float],
+    model_version: str = "v1",
+    model_input_size: int | None = None,
+    gene_id_column: str | None = None,
+    mapping: GeneMapping | Sequence[str | Path] | None = None,
+    gene_set: Sequence[str] | None = None,
+    layer: str | None = None,
+    chunk_cells: int = 8192,
+) -> InMemoryTokens:
+    """Tokens for every cell of one input, in input order (filter_pass is not applied here).
+
+    A cell without any vocabulary gene gets an empty array and `ok[i] = False`.
+    """
+    import pandas as pd
+
+    if mapping is not None and not isinstance(mapping, GeneMapping):
+        mapping = load_mapping(list(mapping))
+    dicts = Dictionaries(dict(vocabulary), dict(medians), mapping=mapping)
+    if gene_set is not None:
+        dicts.set_gene_set(list(gene_set), "<gene set>")
+    if isinstance(path_or_anndata, (str, os.PathLike)):
+        reader = open_input(path_or_anndata, layer, "auto", _gene_predicate(dicts))
+        obs = _read_obs_frame(reader)
+    else:
+        from cellrank_fm.readers import AnnDataReader
+
+        reader = AnnDataReader(path_or_anndata, layer)
+        obs = path_or_anndata.obs.copy()
+    size = int(model_input_size or preset(model_version).model_input_size)
+    prefix, suffix, n_special, _ = _model_tokens(model_version, vocabulary)
+    try:
+        plan = plan_for(reader, dicts, gene_id_column)
+        has_n_counts = "n_counts" in reader.obs_columns()
+        tokens: list[np.ndarray] = []
+        cell_ids: list[str] = []
+        nonint = nnz = 0
+        step = min(chunk_cells, reader.max_rows_per_read or chunk_cells)
+        share = None
+        for start in range(0, reader.n_rows, step):
+            chunk = reader.read(start, min(reader.n_rows, start + step), ["n_counts"] if has_n_counts else [])
+            if share is None:
+                share = counts_share(plan, chunk.indices, chunk.data)
+            n_counts, _ = chunk_counts(chunk, reader, has_n_counts, False)
+            toks, offsets, n_nonint = run_core(chunk, plan, n_counts, size - n_special, prefix, suffix, str(reader.path))
+            nonint += int(n_nonint)
+            nnz += len(chunk.data)
+            tokens.extend(np.split(toks, offsets[1:-1]) if len(offsets) > 2 else [toks[offsets[0]:offsets[-1]]])
+            cell_ids.extend(chunk.cell_ids)
+    finally:
+        reader.close()
+    ok = np.array([len(t) > 0 for t in tokens], dtype=bool)
+    report = {**plan.report(), "share_counts_first_chunk": share, "cells": len(tokens),
+              "empty": int((~ok).sum()), "non_integer_share": (nonint / nnz) if nnz else 0.0}
+    if obs is None:
+        obs = pd.DataFrame(index=pd.Index(cell_ids))
+    elif not isinstance(path_or_anndata, (str, os.PathLike)):
+        pass  # an AnnData's own obs, index included
+    else:
+        obs.index = pd.Index(cell_ids)
+    return InMemoryTokens(tokens, ok, cell_ids, obs, report)
+
+
+def _read_obs_frame(reader: MatrixReader):
+    """The input's obs as a DataFrame (h5ad/loom), or None for formats without cell metadata."""
+    import pandas as pd
+
+    if not hasattr(reader, "obs_column"):
+        return None
+    return pd.DataFrame({c: reader.obs_column(c, 0, reader.n_rows) for c in reader.obs_columns()})
