@@ -1,0 +1,281 @@
+//! CSR row chunks as borrowed slices, the validation every consumer needs, and the per-row
+//! gathering of mapped columns (with same-id columns summed) shared by ranking and medians.
+
+use std::fmt;
+
+/// A stored matrix value of any dtype the readers produce.
+pub trait Count: Copy + Send + Sync {
+    /// Integer dtypes can never hold a non-integer count, so the check is skipped for them.
+    const INTEGRAL: bool;
+    fn to_f64(self) -> f64;
+}
+
+macro_rules! count_impl {
+    ($t:ty, $integral:expr) => {
+        impl Count for $t {
+            const INTEGRAL: bool = $integral;
+            #[inline(always)]
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+        }
+    };
+}
+count_impl!(f32, false);
+count_impl!(f64, false);
+count_impl!(i32, true);
+count_impl!(i64, true);
+count_impl!(u16, true);
+count_impl!(u32, true);
+
+/// An `indptr` or `indices` entry.
+pub trait Index: Copy + Send + Sync {
+    fn to_i64(self) -> i64;
+}
+impl Index for i32 {
+    #[inline(always)]
+    fn to_i64(self) -> i64 {
+        self as i64
+    }
+}
+impl Index for i64 {
+    #[inline(always)]
+    fn to_i64(self) -> i64 {
+        self
+    }
+}
+
+/// Errors of the core. `BadValue` is a user's data problem (negative, NaN or infinite count);
+/// `Invalid` is any other inconsistent input.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CoreError {
+    BadValue { row: usize, col: i64, value: f64 },
+    Invalid(String),
+}
+
+impl fmt::Display for CoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CoreError::BadValue { row, col, value } if value.is_infinite() => {
+                write!(f, "row {row} column {col} has an infinite value ({value})")
+            }
+            CoreError::BadValue { row, col, value } => {
+                write!(f, "row {row} column {col} has a negative or NaN value ({value})")
+            }
+            CoreError::Invalid(msg) => f.write_str(msg),
+        }
+    }
+}
+
+impl std::error::Error for CoreError {}
+
+/// One chunk of rows of a CSR matrix. `indptr` may be a slice of a bigger matrix's indptr
+/// (not starting at 0): row `r` spans `indptr[r] - indptr[0] .. indptr[r+1] - indptr[0]` of
+/// `indices` and `data`.
+pub struct Csr<'a, P, I, V> {
+    pub indptr: &'a [P],
+    pub indices: &'a [I],
+    pub data: &'a [V],
+    pub n_cols: usize,
+}
+
+impl<'a, P: Index, I: Index, V: Count> Csr<'a, P, I, V> {
+    pub fn rows(&self) -> usize {
+        self.indptr.len().saturating_sub(1)
+    }
+
+    /// Checks the structure once so the per-row loops can slice without further checks.
+    pub fn validate(&self) -> Result<(), CoreError> {
+        if self.indptr.is_empty() {
+            return Err(CoreError::Invalid("indptr must have at least one entry".into()));
+        }
+        let base = self.indptr[0].to_i64();
+        let mut prev = base;
+        for (r, p) in self.indptr.iter().enumerate().skip(1) {
+            let p = p.to_i64();
+            if p < prev {
+                return Err(CoreError::Invalid(format!(
+                    "indptr decreases at row {} ({} after {})",
+                    r - 1,
+                    p,
+                    prev
+                )));
+            }
+            prev = p;
+        }
+        let nnz = (prev - base) as usize;
+        if self.indices.len() < nnz || self.data.len() < nnz {
+            return Err(CoreError::Invalid(format!(
+                "indptr spans {} stored values but indices has {} and data has {}",
+                nnz,
+                self.indices.len(),
+                self.data.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The stored columns and values of row `r` (after `validate`).
+    #[inline]
+    pub fn row(&self, r: usize) -> (&'a [I], &'a [V]) {
+        let base = self.indptr[0].to_i64();
+        let a = (self.indptr[r].to_i64() - base) as usize;
+        let b = (self.indptr[r + 1].to_i64() - base) as usize;
+        (&self.indices[a..b], &self.data[a..b])
+    }
+}
+
+/// Scans a column → id map (`-1` = skip) once: the number of ids it needs room for and whether
+/// two columns share an id (only then do rows need the slower summing path).
+pub struct ColumnMap<'a> {
+    pub ids: &'a [i32],
+    pub id_bound: usize,
+    pub has_duplicates: bool,
+}
+
+impl<'a> ColumnMap<'a> {
+    pub fn new(ids: &'a [i32]) -> Self {
+        let id_bound = ids.iter().copied().max().map_or(0, |m| (m.max(-1) + 1) as usize);
+        let mut seen = vec![false; id_bound];
+        let mut has_duplicates = false;
+        for &t in ids {
+            if t >= 0 {
+                let s = &mut seen[t as usize];
+                has_duplicates |= *s;
+                *s = true;
+            }
+        }
+        ColumnMap { ids, id_bound, has_duplicates }
+    }
+}
+
+/// One mapped, nonzero entry of a row: its id, its (summed) value and the first column seen.
+#[derive(Clone, Copy, Debug)]
+pub struct Entry {
+    pub id: u32,
+    pub x: f64,
+    pub col: u32,
+}
+
+/// Per-thread scratch for gathering rows; reused across rows so the hot loop never allocates.
+pub struct RowScan {
+    pub entries: Vec<Entry>,
+    // For summing same-id columns: `stamp[id] == cur` means `id` was seen in this row, at
+    // `slot[id]` in `entries`. Allocated only when the column map has duplicates.
+    stamp: Vec<u32>,
+    slot: Vec<u32>,
+    cur: u32,
+}
+
+impl RowScan {
+    pub fn new(map: &ColumnMap) -> Self {
+        let n = if map.has_duplicates { map.id_bound } else { 0 };
+        RowScan { entries: Vec::new(), stamp: vec![0; n], slot: vec![0; n], cur: 0 }
+    }
+
+    /// Validates one row (chunk row `row`), gathers its mapped nonzero entries into
+    /// `self.entries` (summing same-id columns) and returns the sum over ALL its stored values.
+    /// Non-integer stored values are added to `nonint`.
+    #[inline]
+    pub fn scan<I: Index, V: Count>(
+        &mut self,
+        row: usize,
+        idx: &[I],
+        dat: &[V],
+        map: &ColumnMap,
+        nonint: &mut u64,
+    ) -> Result<f64, CoreError> {
+        self.entries.clear();
+        let n_cols = map.ids.len() as u64;
+        let dedup = map.has_duplicates;
+        if dedup {
+            if self.cur == u32::MAX {
+                self.stamp.iter_mut().for_each(|s| *s = 0);
+                self.cur = 0;
+            }
+            self.cur += 1;
+        }
+        let mut sum = 0.0f64;
+        for (&c, &x) in idx.iter().zip(dat) {
+            let c = c.to_i64();
+            if c < 0 || c as u64 >= n_cols {
+                return Err(CoreError::Invalid(format!(
+                    "row {row} has column index {c} but there are only {n_cols} columns"
+                )));
+            }
+            let xf = x.to_f64();
+            if !V::INTEGRAL {
+                // `!(xf >= 0)` also catches NaN.
+                if !(xf >= 0.0) || xf.is_infinite() {
+                    return Err(CoreError::BadValue { row, col: c, value: xf });
+                }
+                if xf.fract() != 0.0 {
+                    *nonint += 1;
+                }
+            } else if xf < 0.0 {
+                return Err(CoreError::BadValue { row, col: c, value: xf });
+            }
+            sum += xf;
+            let id = map.ids[c as usize];
+            if id < 0 || xf == 0.0 {
+                continue;
+            }
+            let id = id as u32;
+            if dedup {
+                let i = id as usize;
+                if self.stamp[i] == self.cur {
+                    self.entries[self.slot[i] as usize].x += xf;
+                    continue;
+                }
+                self.stamp[i] = self.cur;
+                self.slot[i] = self.entries.len() as u32;
+            }
+            self.entries.push(Entry { id, x: xf, col: c as u32 });
+        }
+        Ok(sum)
+    }
+}
+
+/// Splits `rows` into blocks for rayon: small enough to balance two to many threads, large
+/// enough that per-block setup (scratch, output vectors) is negligible.
+pub fn blocks(rows: usize) -> Vec<(usize, usize)> {
+    const BLOCK: usize = 64;
+    (0..rows.div_ceil(BLOCK)).map(|b| (b * BLOCK, ((b + 1) * BLOCK).min(rows))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_catches_bad_structure() {
+        let csr = Csr { indptr: &[0i64, 2, 1], indices: &[0i32, 1], data: &[1.0f64, 2.0], n_cols: 2 };
+        assert!(csr.validate().unwrap_err().to_string().contains("indptr decreases at row 1"));
+        let csr = Csr { indptr: &[5i32, 8], indices: &[0i32, 1], data: &[1.0f32, 2.0], n_cols: 2 };
+        assert!(csr.validate().unwrap_err().to_string().contains("spans 3 stored values"));
+        let csr = Csr { indptr: &[5i32, 6, 8], indices: &[0i32, 1, 0], data: &[1u16, 2, 3], n_cols: 2 };
+        csr.validate().unwrap();
+        assert_eq!(csr.row(1), (&[1i32, 0][..], &[2u16, 3][..]));
+    }
+
+    #[test]
+    fn scan_sums_duplicate_ids_and_flags_bad_values() {
+        let ids = [3, -1, 3, 0];
+        let map = ColumnMap::new(&ids);
+        assert!(map.has_duplicates);
+        assert_eq!(map.id_bound, 4);
+        let mut s = RowScan::new(&map);
+        let mut nonint = 0;
+        let sum = s.scan(0, &[0i32, 1, 2, 3], &[1.5f64, 4.0, 2.0, 0.0], &map, &mut nonint).unwrap();
+        assert_eq!(sum, 7.5);
+        assert_eq!(nonint, 1);
+        assert_eq!(s.entries.len(), 1);
+        assert_eq!((s.entries[0].id, s.entries[0].x, s.entries[0].col), (3, 3.5, 0));
+        let err = s.scan(7, &[0i32, 2], &[1.0f32, f32::NAN], &map, &mut nonint).unwrap_err();
+        assert!(matches!(err, CoreError::BadValue { row: 7, col: 2, .. }));
+        let err = s.scan(2, &[3i64], &[-4i32], &map, &mut nonint).unwrap_err();
+        assert_eq!(err.to_string(), "row 2 column 3 has a negative or NaN value (-4)");
+        let err = s.scan(2, &[4i64], &[1i32], &map, &mut nonint).unwrap_err();
+        assert!(err.to_string().contains("column index 4"));
+    }
+}
