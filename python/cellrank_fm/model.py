@@ -458,17 +458,16 @@ class BertForMaskedLM(_Base):
     def tie_weights(self) -> None:
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
-    def forward(self, batch: PackedBatch, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits over the vocabulary for every token, [T, V]."""
-        return self.cls.predictions(self.bert(batch, inputs_embeds=inputs_embeds))
+    def forward(self, batch: PackedBatch, inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None):
+        """Logits over the vocabulary for every token, [T, V].
 
-    def mlm_loss(self, batch: PackedBatch, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean cross-entropy over the positions with a label (labels == -100 elsewhere).
-
-        Only the labelled ~15% of positions go through the vocabulary projection, the largest
-        matrix in a small model. Returns (loss, logits of those positions, their labels).
+        With `labels` ([T], -100 where there is nothing to predict): (mean cross-entropy,
+        logits of the labelled positions, their labels). Only those ~15% of positions go
+        through the vocabulary projection, the largest matrix of a small model.
         """
-        hidden = self.bert(batch)
+        hidden = self.bert(batch, inputs_embeds=inputs_embeds)
+        if labels is None:
+            return self.cls.predictions(hidden)
         where = labels != -100
         targets = labels[where]
         logits = self.cls.predictions(hidden[where])

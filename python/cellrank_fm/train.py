@@ -1,0 +1,335 @@
+"""The training loop, shared by pretraining and fine-tuning; every knob is in `TrainConfig`.
+
+A task plugs into `train(model, task, cfg, out_dir)` by providing five methods:
+
+    plan(epoch, rank, world_size, tokens_per_batch) -> list
+        This rank's batches for one pass over the training data, as cheap descriptions
+        (e.g. arrays of cell indices). Must be deterministic in its arguments (and the
+        task's own seed) and non-empty on every rank. Ranks should take disjoint slices.
+    batch(item, epoch, index) -> PackedBatch
+        Materialise one planned batch (read tokens, corrupt, attach labels). Deterministic:
+        any randomness seeded from (seed, epoch, index, rank), so a resumed run rebuilds
+        exactly the batches an uninterrupted one would have seen.
+    loss(model, batch) -> scalar Tensor
+        Called under autocast on the training device with `batch` already moved there.
+        `model` may be wrapped (DDP / torch.compile): call it, don't reach into it.
+    evaluate(model) -> dict[str, float]
+        Validation metrics; called on rank 0 only, with the unwrapped model in eval mode,
+        under `torch.no_grad()` and autocast.
+    save(model, out_dir, extra) -> None
+        Write the model directory (`cellrank_fm.checkpoint.save_model_dir`); `extra` holds
+        {"step": n} for the config's "cellrank" block. Called on rank 0.
+
+The loop owns the rest: device choice, DDP under `torchrun` (each rank its own slice of the
+batches, gloo on CPU, nccl on CUDA), AdamW (fused on CUDA; no weight decay on biases and
+LayerNorms), linear warmup then linear or cosine decay, gradient accumulation and clipping,
+bf16 autocast on CUDA, optional `torch.compile`, a progress bar with tokens/s and loss,
+metrics as JSON lines (`metrics.jsonl`), and checkpoints (`trainer_state.pt` beside the
+model files: step, optimizer and scheduler state). Dropout randomness is reseeded from
+(seed, step, rank) at every step and the data position is the number of batches consumed, so
+`resume=True` continues an interrupted run to the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import torch
+
+from cellrank_fm.batching import PackedBatch
+from cellrank_fm.errors import UserError, atomic_path
+
+STATE = "trainer_state.pt"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.001
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "linear"  # "linear" | "cosine" | "constant" (after warmup)
+    max_steps: int = 1000
+    grad_clip: float | None = 1.0
+    grad_accum: int = 1
+    tokens_per_batch: int = 16384
+    eval_every: int = 0  # 0 = only at the start and the end
+    eval_at_start: bool = True
+    checkpoint_every: int = 0  # 0 = only at the end
+    log_every: int = 10
+    seed: int = 0
+    bf16: bool = True  # autocast to bfloat16 on CUDA; CPU always runs fp32
+    compile: bool = False
+    device: str = "auto"
+    max_seconds: float | None = None  # stop cleanly (with a checkpoint) after this wall time
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("linear", "cosine", "constant"):
+            raise UserError(f"schedule must be linear, cosine or constant, not {self.schedule!r}.")
+        if self.max_steps < 1 or self.grad_accum < 1 or self.tokens_per_batch < 1:
+            raise UserError("max_steps, grad_accum and tokens_per_batch must be positive.")
+        if self.lr <= 0:
+            raise UserError(f"the learning rate must be positive, not {self.lr}.")
+
+
+class Task(Protocol):
+    def plan(self, epoch: int, rank: int, world_size: int, tokens_per_batch: int) -> list: ...
+    def batch(self, item: Any, epoch: int, index: int) -> PackedBatch: ...
+    def loss(self, model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor: ...
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]: ...
+    def save(self, model: torch.nn.Module, out_dir: Path, extra: dict) -> None: ...
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return f
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=device.type == "cuda"
+    )
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
+
+
+def _stream(task: Task, rank: int, world: int, tokens_per_batch: int, skip: int) -> Iterator[tuple[PackedBatch, int, int]]:
+    """Batches forever (epoch after epoch), after skipping the first `skip` of them."""
+    epoch = 0
+    while True:
+        plan = task.plan(epoch, rank, world, tokens_per_batch)
+        if not plan:
+            raise UserError(f"rank {rank} got no training batches; use fewer processes or more data.")
+        start = 0
+        if skip >= len(plan):
+            skip -= len(plan)
+            epoch += 1
+            continue
+        start, skip = skip, 0
+        for i in range(start, len(plan)):
+            yield task.batch(plan[i], epoch, i), epoch, i
+        epoch += 1
+
+
+class _Dist:
+    """torchrun's environment, or a single process."""
+
+    def __init__(self, device: torch.device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.owned = False
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            torch.distributed.init_process_group(backend)
+            self.owned = True
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.on:
+            torch.distributed.barrier()
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        if not self.on:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def close(self) -> None:
+        if self.owned:
+            torch.distributed.destroy_process_group()
+
+
+def _append_metrics(out_dir: Path, record: dict) -> None:
+    with open(out_dir / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(out_dir: Path, after_step: int) -> None:
+    """Drop records a crashed run wrote after its last checkpoint."""
+    path = out_dir / METRICS
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= after_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> dict:
+    """Train `model` on `task`; write checkpoints and metrics to `out_dir`; return a summary."""
+    out_dir = Path(out_dir)
+    state_path = out_dir / STATE
+    if resume and not state_path.is_file():
+        raise UserError(f"{out_dir} holds no {STATE} to resume from; start without --resume.")
+    if not resume and state_path.exists():
+        raise UserError(f"{out_dir} already holds a training run; pass --resume to continue it or choose another output directory.")
+
+    device = pick_device(cfg.device)
+    dist = _Dist(device)
+    rank, world = dist.rank, dist.world
+    is_main = rank == 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    model.to(device)
+    step = 0
+    if resume:
+        from cellrank_fm.checkpoint import load_weights_into, read_weights
+
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        load_weights_into(model, read_weights(out_dir), str(out_dir))
+        step = int(state["step"])
+        model.to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    if resume:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if is_main:
+            _truncate_metrics(out_dir, step)
+
+    raw_model = model
+    if dist.on:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    run_model = torch.compile(model, dynamic=True) if cfg.compile else model
+
+    def evaluate(at_step: int) -> dict:
+        result: dict = {}
+        if is_main:
+            raw_model.eval()
+            with torch.no_grad(), autocast(cfg, device):
+                result = {k: float(v) for k, v in task.evaluate(raw_model).items()}
+            raw_model.train()
+            _append_metrics(out_dir, {"step": at_step, "split": "val", **result})
+        dist.barrier()
+        return result
+
+    def checkpoint(at_step: int) -> None:
+        if is_main:
+            task.save(raw_model, out_dir, {"step": at_step})
+            with atomic_path(state_path) as tmp:
+                torch.save(
+                    {"step": at_step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "world_size": world, "config": dataclasses.asdict(cfg)},
+                    tmp,
+                )
+        dist.barrier()
+
+    from cellrank_fm.progress import progress_bar
+
+    first_eval = evaluate(step) if cfg.eval_at_start and step == 0 else {}
+    last_eval: dict = dict(first_eval)
+    stream = _stream(task, rank, world, cfg.tokens_per_batch, skip=step * cfg.grad_accum)
+    model.train()
+    t0 = time.perf_counter()
+    tokens_total = 0
+    window_loss, window_steps, window_tokens, window_t = 0.0, 0, 0, time.perf_counter()
+    stopped_early = False
+    with progress_bar("steps", quiet=cfg.quiet or not is_main, extra="loss {task.fields[loss]} · {task.fields[tps]} tokens/s") as bar:
+        tid = bar.add_task("pretrain" if not hasattr(task, "name") else task.name, total=cfg.max_steps,
+                           completed=step, loss="--", tps="--")
+        while step < cfg.max_steps:
+            torch.manual_seed(_step_seed(cfg.seed, step, rank))
+            step_loss = 0.0
+            for micro in range(cfg.grad_accum):
+                batch, epoch, index = next(stream)
+                batch = batch.to(device, non_blocking=True)
+                last = micro == cfg.grad_accum - 1
+                sync = model.no_sync() if dist.on and not last else contextlib.nullcontext()
+                with sync:
+                    with autocast(cfg, device):
+                        loss = task.loss(run_model, batch)
+                    (loss / cfg.grad_accum).backward()
+                step_loss += loss.detach().float().item() / cfg.grad_accum
+                window_tokens += batch.num_tokens
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_loss += step_loss
+            window_steps += 1
+
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                loss_sum, tok_sum = dist.sum([window_loss, float(window_tokens)], device)
+                now = time.perf_counter()
+                tps = tok_sum / max(now - window_t, 1e-9)
+                tokens_total += int(tok_sum)
+                mean_loss = loss_sum / (window_steps * world)
+                if is_main:
+                    _append_metrics(out_dir, {
+                        "step": step, "split": "train", "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                        "tokens": tokens_total, "tokens_per_s": tps, "epoch": epoch, "batch_in_epoch": index,
+                        "elapsed_s": now - t0,
+                    })
+                bar.update(tid, completed=step, loss=f"{mean_loss:.4f}", tps=f"{tps:,.0f}")
+                window_loss, window_steps, window_tokens, window_t = 0.0, 0, 0, now
+            else:
+                bar.update(tid, completed=step)
+
+            out_of_time = cfg.max_seconds is not None and dist.sum(
+                [float(time.perf_counter() - t0 > cfg.max_seconds)], device)[0] > 0
+            final = step == cfg.max_steps or out_of_time
+            if final or (cfg.eval_every and step % cfg.eval_every == 0):
+                last_eval = evaluate(step)
+            if final or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                checkpoint(step)
+            if out_of_time and step < cfg.max_steps:
+                stopped_early = True
+                break
+
+    dist.close()
+    return {"step": step, "first_eval": first_eval, "last_eval": last_eval, "tokens": tokens_total,
+            "seconds": time.perf_counter() - t0, "stopped_early": stopped_early, "world_size": world}
