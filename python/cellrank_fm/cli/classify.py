@@ -52,9 +52,7 @@ def baseline_cmd(
 ) -> None:
     """Logistic regression on log-normalised highly variable genes, on the same split as finetune.
 
-    Features: counts / total x 10,000, log1p, of the top genes by normalised dispersion over the
-    training cells; the regularisation strength is picked on the validation split by macro-F1.
-    Reports accuracy, macro-F1 and per-class figures on the test split.
+    Features: counts / total x 10,000, log1p, of the top genes by normalised dispersion over the training cells; the regularisation strength is picked on the validation split by macro-F1. Reports accuracy, macro-F1 and per-class figures on the test split.
 
     Example: cellrank baseline shards/ --label condition --out baseline/
     """
@@ -75,3 +73,149 @@ def baseline_cmd(
                          title=f"baseline: {label} (test split)")
     print_table(metrics_table({"baseline": result}, title=f"{label}: test split"))
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'confusion_matrix.png'}")
+
+
+MODEL = "Model"
+RUN = "Run"
+
+
+@app.command("finetune")
+def finetune_cmd(
+    shards: Annotated[Path, typer.Argument(help="Token shard directory from `cellrank tokenize` (with the label kept: --keep-obs COLUMN).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output model directory (must not exist or be empty).", rich_help_panel=OUT)],
+    label: Annotated[Optional[str], typer.Option("--label", "-l", metavar="COLUMN", help="Cell metadata column to predict (cell classification).")] = None,
+    from_model: Annotated[Optional[Path], typer.Option("--from", metavar="MODEL_DIR", help="Pretrained model directory (from `cellrank pretrain` or a Geneformer checkpoint).", rich_help_panel=MODEL)] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", metavar="NAME", help="Train from scratch with this model size instead (tiny, geneformer-v1, ...).", rich_help_panel=MODEL)] = None,
+    task: Annotated[str, typer.Option("--task", help="cells: classify cells by --label; genes: classify genes by --gene-labels.", rich_help_panel=MODEL)] = "cells",
+    gene_labels: Annotated[Optional[Path], typer.Option("--gene-labels", metavar="CSV", help="Gene classes for --task genes: one column per class, Ensembl IDs below its name.", rich_help_panel=MODEL)] = None,
+    folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds over genes (--task genes).", rich_help_panel=MODEL)] = 5,
+    pooling: Annotated[Optional[str], typer.Option("--pooling", help="cls or mean (default: cls for V2 tokens, mean for V1).", rich_help_panel=MODEL)] = None,
+    freeze_layers: Annotated[int, typer.Option("--freeze-layers", help="Freeze the embeddings and the first N encoder layers.", rich_help_panel=TRAIN)] = 0,
+    epochs: Annotated[float, typer.Option("--epochs", help="Passes over the training cells (at most; early stopping may end sooner).", rich_help_panel=TRAIN)] = 10.0,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (linear warm-up, then linear decay).", rich_help_panel=TRAIN)] = 1e-4,
+    tokens_per_batch: Annotated[int, typer.Option("--tokens-per-batch", help="Padded tokens per batch.", rich_help_panel=TRAIN)] = 16384,
+    patience: Annotated[int, typer.Option("--patience", help="Stop after this many evaluations without a better validation macro-F1 (0 = never).", rich_help_panel=TRAIN)] = 4,
+    evals_per_epoch: Annotated[int, typer.Option("--evals-per-epoch", help="Validation evaluations per epoch.", rich_help_panel=TRAIN)] = 2,
+    no_class_weight: Annotated[bool, typer.Option("--no-class-weight", help="Do not weight classes by inverse frequency.", rich_help_panel=TRAIN)] = False,
+    max_cells: Annotated[Optional[int], typer.Option("--max-cells", help="Train on at most this many cells (seeded sample of the training split).", rich_help_panel=TRAIN)] = None,
+    max_seconds: Annotated[Optional[float], typer.Option("--max-seconds", help="Stop training after this wall time (the best checkpoint is kept).", rich_help_panel=TRAIN)] = None,
+    device: Annotated[str, typer.Option("--device", help="auto (GPU when present), cpu, cuda, cuda:1 ...", rich_help_panel=RUN)] = "auto",
+    baseline: Annotated[bool, typer.Option("--baseline", help="Also fit the logistic-regression baseline on the same split and print both.", rich_help_panel=OUT)] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=RUN)] = False,
+    seed: Seed = 0,
+    split_by: SplitBy = None,
+    split_column: SplitColumn = None,
+    validation_fraction: ValFraction = 0.1,
+    test_fraction: TestFraction = 0.1,
+    min_class_size: MinClassSize = 10,
+) -> None:
+    """Fine-tune a classifier of cells (or genes) on token shards; keep the best checkpoint.
+
+    Cells are split train / validation / test (stratified by label with --seed, by --split-by, or from --split-column); training stops early when validation macro-F1 stops improving; the best checkpoint becomes a model directory for `cellrank predict`, beside metrics.json (test split), confusion_matrix.png and split.csv.
+
+    Example: cellrank finetune shards/ --label condition --from pretrained/ --out classifier/ --baseline
+    """
+    from cellrank_fm.errors import UserError
+    from cellrank_fm.finetune import FinetuneOptions, finetune_cells
+    from cellrank_fm.metrics import metrics_table, print_table
+
+    split_kw = _split_kwargs(seed, split_by, split_column, validation_fraction, test_fraction, min_class_size)
+    if task == "genes":
+        from cellrank_fm.finetune_genes import GeneTaskOptions, finetune_genes
+
+        if gene_labels is None:
+            raise UserError("--task genes needs --gene-labels CSV (one column per gene class).")
+        result = finetune_genes(shards, out, gene_labels, GeneTaskOptions(
+            from_model=from_model, preset=preset, folds=folds, seed=seed, epochs=epochs, lr=lr,
+            tokens_per_batch=tokens_per_batch, freeze_layers=freeze_layers, max_cells=max_cells,
+            device=device, quiet=quiet))
+        from rich.table import Table
+
+        table = Table(title=f"gene classification: ROC AUC per fold ({result['genes']} genes)")
+        table.add_column("fold")
+        table.add_column("test genes", justify="right")
+        table.add_column("ROC AUC", justify="right")
+        for f in result["folds"]:
+            table.add_row(str(f["fold"]), str(f["test_genes"]), f"{f['roc_auc']:.3f}")
+        table.add_row("mean ± sd", "", f"{result['roc_auc_mean']:.3f} ± {result['roc_auc_sd']:.3f}")
+        print_table(table)
+        typer.echo(f"wrote {out}/metrics.json and {out}/roc.png")
+        return
+    if task != "cells":
+        raise UserError(f"--task must be cells or genes, not {task!r}.")
+    if label is None:
+        raise UserError("cell classification needs --label COLUMN (a metadata column kept in the shards).")
+    opts = FinetuneOptions(
+        label=label, from_model=from_model, preset=preset, pooling=pooling, freeze_layers=freeze_layers,
+        class_weight=not no_class_weight, epochs=epochs, lr=lr, tokens_per_batch=tokens_per_batch,
+        evals_per_epoch=evals_per_epoch, patience=patience, max_cells=max_cells, device=device,
+        max_seconds=max_seconds, quiet=quiet, **split_kw,
+    )
+    result = finetune_cells(shards, out, opts, with_baseline=baseline)
+    results = {"cellrank": result["metrics"]}
+    if result["baseline"] is not None:
+        results["baseline (logistic regression)"] = result["baseline"]
+    print_table(metrics_table(results, title=f"{label}: test split"))
+    typer.echo(f"wrote the best checkpoint (validation macro-F1 "
+               f"{result['metrics']['best_validation_macro_f1'] or float('nan'):.3f}) and metrics to {out}")
+
+
+@app.command("predict")
+def predict_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Classifier directory from `cellrank finetune`.")],
+    input: Annotated[Path, typer.Argument(help="Cells to classify (.h5ad, raw counts).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .h5ad: the input plus obs cellrank_label / cellrank_confidence and obsm cellrank_proba.", rich_help_panel=OUT)],
+    layer: Annotated[Optional[str], typer.Option("--layer", help="Read raw counts from this layer (or raw) instead of X.")] = None,
+    tokens_per_batch: Annotated[int, typer.Option("--tokens-per-batch", help="Padded tokens per inference batch.", rich_help_panel=RUN)] = 32768,
+    device: Annotated[str, typer.Option("--device", help="auto (GPU when present), cpu, cuda ...", rich_help_panel=RUN)] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=RUN)] = False,
+) -> None:
+    """Classify new cells with a fine-tuned model; every input cell is kept, in order.
+
+    The cells are tokenized with the model's own vocabulary, medians (and gene set), so no tokenize step is needed. Cells without any vocabulary gene get a missing label. The input file is never modified.
+
+    Example: cellrank predict classifier/ new_cells.h5ad --out new_cells.predicted.h5ad
+    """
+    from cellrank_fm.predict import predict_file
+
+    r = predict_file(model_dir, input, out, tokens_per_batch=tokens_per_batch, layer=layer, device=device, quiet=quiet)
+    shown = ", ".join(f"{k} {v:,}" for k, v in r["predicted"].items())
+    typer.echo(f"classified {r['cells'] - r['untokenized']:,} of {r['cells']:,} cells ({shown}); "
+               f"{r['untokenized']:,} could not be tokenized (no vocabulary gene) and have no label")
+    typer.echo(f"wrote {out} (obs cellrank_label, cellrank_confidence; obsm cellrank_proba; "
+               f"uns cellrank_proba_classes)")
+
+
+@app.command("embed")
+def embed_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Any model directory (pretrained or fine-tuned).")],
+    input: Annotated[Path, typer.Argument(help="Cells to embed (.h5ad, raw counts).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .h5ad: the input plus obsm X_cellrank.", rich_help_panel=OUT)],
+    layer: Annotated[int, typer.Option("--layer", help="Hidden layer to read: -1 last, -2 second last, 0 embeddings.", rich_help_panel=MODEL)] = -1,
+    pooling: Annotated[Optional[str], typer.Option("--pooling", help="cls or mean (default: cls for V2 models, mean for V1).", rich_help_panel=MODEL)] = None,
+    genes_out: Annotated[Optional[Path], typer.Option("--genes-out", metavar="PARQUET", help="Also write each gene's mean contextual embedding over these cells.", rich_help_panel=OUT)] = None,
+    umap_png: Annotated[Optional[Path], typer.Option("--umap-png", metavar="PNG", help="Draw a UMAP of the cell embeddings (needs umap-learn).", rich_help_panel=OUT)] = None,
+    umap_color: Annotated[Optional[str], typer.Option("--umap-color", metavar="COLUMN", help="Colour the UMAP by this obs column.", rich_help_panel=OUT)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the UMAP.", rich_help_panel=OUT)] = 0,
+    tokens_per_batch: Annotated[int, typer.Option("--tokens-per-batch", help="Padded tokens per inference batch.", rich_help_panel=RUN)] = 32768,
+    device: Annotated[str, typer.Option("--device", help="auto (GPU when present), cpu, cuda ...", rich_help_panel=RUN)] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=RUN)] = False,
+) -> None:
+    """Cell embeddings (obsm X_cellrank) from a model, optionally gene embeddings and a UMAP PNG.
+
+    Example: cellrank embed pretrained/ pbmc.h5ad --out pbmc.embedded.h5ad --umap-color condition --umap-png umap.png
+    """
+    from cellrank_fm.embed import embed_file
+
+    if pooling not in (None, "cls", "mean"):
+        from cellrank_fm.errors import UserError
+
+        raise UserError(f"--pooling must be cls or mean, not {pooling!r}.")
+    r = embed_file(model_dir, input, out, layer=layer, pooling=pooling, genes_out=genes_out,
+                   umap_color=umap_color, umap_png=umap_png, seed=seed, tokens_per_batch=tokens_per_batch,
+                   device=device, quiet=quiet)
+    typer.echo(f"embedded {r['cells'] - r['untokenized']:,} of {r['cells']:,} cells ({r['hidden_size']} "
+               f"dimensions, layer {r['layer']}, {r['pooling']} pooling); {r['untokenized']:,} could not be "
+               f"tokenized and have NaN rows")
+    extra = [str(p) for p in (genes_out, umap_png) if p is not None]
+    typer.echo(f"wrote {out}" + (f" and {', '.join(extra)}" if extra else ""))
