@@ -19,6 +19,9 @@ A task plugs into `train(model, task, cfg, out_dir)` by providing five methods:
     save(model, out_dir, extra) -> None
         Write the model directory (`cellrank_fm.checkpoint.save_model_dir`); `extra` holds
         {"step": n} for the config's "cellrank" block. Called on rank 0.
+    should_stop() -> bool   (optional)
+        Asked on rank 0 after each evaluation; True ends training there with a checkpoint
+        (fine-tuning's early stopping on validation macro-F1).
 
 The loop owns the rest: device choice, DDP under `torchrun` (each rank its own slice of the
 batches, gloo on CPU, nccl on CUDA), AdamW (fused on CUDA; no weight decay on biases and
@@ -324,6 +327,12 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, out_dir: str | P
             final = step == cfg.max_steps or out_of_time
             if final or (cfg.eval_every and step % cfg.eval_every == 0):
                 last_eval = evaluate(step)
+                # A task may end training after an evaluation (early stopping): `should_stop()`.
+                wants_stop = is_main and bool(getattr(task, "should_stop", lambda: False)())
+                if not final and dist.sum([float(wants_stop)], device)[0] > 0:
+                    checkpoint(step)
+                    stopped_early = True
+                    break
             if final or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 checkpoint(step)
             if out_of_time and step < cfg.max_steps:
