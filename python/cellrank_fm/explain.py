@@ -1,0 +1,605 @@
+"""Which genes decide a classifier's call: SHAP values over the gene-deletion game.
+
+The game
+--------
+The players are the genes of one cell's rank-value sequence. A coalition S is that cell with
+every other gene *removed*: the kept genes stay in their original order, as if they were the
+only genes detected, so each moves up to its new rank. The value v(S) is the classifier's logit
+for the explained class on that shortened sequence. The base value v(∅) is the *empty cell*:
+the special tokens alone (``<cls> <eos>`` for V2 models); a V1 model has no special tokens, so
+its empty cell is the mean of zero gene states — a zero vector — passed through the pooler and
+classifier head. A gene's SHAP value is its Shapley value in this game, so the values of a cell
+add up to ``logit(cell) − logit(empty cell)``.
+
+Methods
+-------
+``permutation`` (default): ``shap.PermutationExplainer`` plays the game exactly as defined,
+with antithetic permutations; every coalition becomes a token sequence and the sequences of a
+permutation go through the model in large packed batches (variable-length attention on GPU).
+The sampling error of each value is reported (the standard error over permutation halves), and
+the additivity gap ``Σ values − (v(x) − v(∅))`` is reported per cell.
+
+``gradient``: expected gradients (``shap.GradientExplainer``) on the gene embeddings, through
+a wrapper that feeds ``inputs_embeds`` to the model. The baseline is the cell with every gene's
+embedding zeroed — the embedding of ``<pad>`` — at its position, special tokens kept. It is
+an approximation of the deletion game (a zeroed gene keeps its position, the others do not move
+up), much cheaper (a few dozen forward/backward passes per cell), so it suits thousands of cells.
+Its values add up to ``v(x) − v(baseline)``; that gap is reported too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cellrank_fm.errors import UserError, atomic_path
+
+METHODS = ("permutation", "gradient")
+
+
+# ----------------------------------------------------------------------------- model + cells
+
+
+def load_classifier(model_dir: str | Path, device: str | None = None):
+    """(model, info) of a fine-tuned cell classifier; UserError for anything else."""
+    from cellrank_fm.checkpoint import load_model_dir
+
+    model, info = load_model_dir(model_dir, expect="any")
+    if info.architecture != "BertForSequenceClassification":
+        raise UserError(
+            f"{model_dir} holds a {info.architecture}, which has no cell classification head; "
+            "give a model directory written by `cellrank finetune`."
+        )
+    if not info.labels:
+        raise UserError(f"{model_dir} has no labels.json, so its classes have no names; re-save it with `cellrank finetune`.")
+    model.to(pick_device(device)).eval()
+    return model, info
+
+
+def pick_device(device: str | None) -> str:
+    import torch
+
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class Cells:
+    """Tokenized input cells: token arrays, their ids and the input's per-cell metadata."""
+
+    tokens: list[np.ndarray]
+    cell_ids: list[str]
+    obs: "object"  # pandas.DataFrame, one row per cell, aligned with tokens
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def load_cells(path: str | Path, info, gene_id_column: str | None = None) -> Cells:
+    """Cells of an input file (tokenized with the model's vocabulary and medians) or a shard directory."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"input {path} does not exist.")
+    if path.is_dir():
+        from cellrank_fm.shards import ShardSet
+
+        shards = ShardSet(path)
+        if info.vocabulary is not None and shards.vocabulary != info.vocabulary:
+            raise UserError(f"{path} was tokenized with another vocabulary than the model's; tokenize it with the model's vocabulary.")
+        import pyarrow.parquet as pq
+
+        names = [n for n in pq.read_schema(shards.part_files[0]).names if n not in ("input_ids", "length")]
+        obs = pd.DataFrame({n: shards.column(n) for n in names})
+        cell_ids = [str(c) for c in obs["cell_id"]]
+        return Cells(tokens=shards.tokens(), cell_ids=cell_ids, obs=obs.set_index(pd.Index(cell_ids)))
+    from cellrank_fm.tokenize import tokenize_in_memory
+
+    if info.vocabulary is None or info.medians is None:
+        raise UserError(f"{info.path} lacks vocabulary.json or medians.json, so it cannot tokenize {path}; tokenize it first and pass the shard directory.")
+    ck = info.cellrank
+    res = tokenize_in_memory(
+        str(path), info.vocabulary, info.medians, model_version=ck.get("model_version", "v1"),
+        model_input_size=ck.get("model_input_size"), gene_id_column=gene_id_column,
+    )
+    keep = np.flatnonzero(res.ok)
+    if len(keep) == 0:
+        raise UserError(f"no cell of {path} has a gene in the model's vocabulary.")
+    obs = res.obs.iloc[keep]
+    return Cells(tokens=[res.tokens[i] for i in keep], cell_ids=[str(res.cell_ids[i]) for i in keep], obs=obs)
+
+
+class Evaluator:
+    """Runs a classifier on many token sequences in packed, token-budgeted batches.
+
+    Sequences are sorted by length and cut into batches of at most `tokens_per_batch` padded
+    tokens, so the padded attention path on CPU wastes little; on CUDA the forward runs in
+    bfloat16 autocast, which selects the variable-length flash attention path.
+    """
+
+    def __init__(self, model, info, tokens_per_batch: int = 65536):
+        import torch
+
+        self.model = model
+        self.info = info
+        self.device = next(model.parameters()).device
+        self.tokens_per_batch = tokens_per_batch
+        self.labels: list[str] = list(info.labels or [])
+        special = (info.cellrank or {}).get("special_tokens") or {}
+        ids = {v for k, v in special.items() if k in ("cls", "eos") and v is not None}
+        ids |= set(model.config.special_token_ids or [])
+        self.special_ids = np.array(sorted(ids), dtype=np.int64)
+        self.evaluations = 0
+        self._autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
+        )
+
+    def split(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(leading special tokens, gene tokens in rank order, trailing special tokens)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        is_special = np.isin(tokens, self.special_ids)
+        genes = np.flatnonzero(~is_special)
+        if len(genes) == 0:
+            return tokens, tokens[:0], tokens[:0]
+        return tokens[: genes[0]], tokens[~is_special], tokens[genes[-1] + 1:]
+
+    def _batches(self, seqs: Sequence[np.ndarray]):
+        from cellrank_fm.batching import token_budget_batches
+
+        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        return token_budget_batches(lengths, self.tokens_per_batch, shuffle=False)
+
+    def _run(self, seqs: Sequence[np.ndarray], fn, width: int) -> np.ndarray:
+        import contextlib
+
+        import torch
+
+        from cellrank_fm.batching import pack
+
+        out = np.empty((len(seqs), width), dtype=np.float64)
+        nonempty = [i for i, s in enumerate(seqs) if len(s)]
+        if len(nonempty) < len(seqs):
+            out[[i for i, s in enumerate(seqs) if not len(s)]] = self.empty_output(fn)
+        sub = [seqs[i] for i in nonempty]
+        idx = np.asarray(nonempty, dtype=np.int64)
+        with torch.inference_mode(), (self._autocast or contextlib.nullcontext()):
+            for b in self._batches(sub) if sub else []:
+                batch = pack([sub[i] for i in b], self.device)
+                out[idx[b]] = fn(batch).float().cpu().numpy()
+        self.evaluations += len(seqs)
+        return out
+
+    def logits(self, seqs: Sequence[np.ndarray]) -> np.ndarray:
+        """Class logits [N, C] of token sequences (an empty sequence is the empty V1 cell)."""
+        return self._run(seqs, self.model, len(self.labels))
+
+    def embeddings(self, seqs: Sequence[np.ndarray], layer: int = -1) -> np.ndarray:
+        """Cell embeddings [N, H]: the mean of the gene tokens' hidden states after `layer`."""
+        from cellrank_fm.model import pool
+
+        special = [int(x) for x in self.special_ids]
+        fn = lambda batch: pool(self.model.encode(batch, layer=layer), batch, "mean", special)  # noqa: E731
+        return self._run(seqs, fn, self.model.config.hidden_size)
+
+    def empty_output(self, fn) -> np.ndarray:
+        """The output for a cell with no token at all (a V1 cell with every gene removed).
+
+        Mean pooling over zero gene states gives a zero vector (as `model.pool` defines it);
+        the classifier head is applied to that, and an embedding is the zero vector itself.
+        """
+        import torch
+
+        width = self.model.config.hidden_size
+        zero = torch.zeros(1, width, device=self.device)
+        with torch.inference_mode():
+            if fn is self.model:
+                if self.model.config.pooling != "mean":
+                    raise UserError("this model pools the <cls> token but its cells have none; the empty cell is undefined.")
+                return self.model.classifier(self.model.bert.pooler(zero)).float().cpu().numpy()[0]
+            return np.zeros(width)
+
+
+# ----------------------------------------------------------------------------- one cell
+
+
+@dataclass
+class CellValues:
+    """SHAP values of one cell: [genes, classes] values (and standard errors), base, full."""
+
+    genes: np.ndarray  # gene token ids in rank order
+    values: np.ndarray  # [n_genes, n_classes]
+    stderr: np.ndarray  # [n_genes, n_classes]; NaN where not estimated
+    base: np.ndarray  # [n_classes] v(∅) (permutation) or v(baseline) (gradient)
+    full: np.ndarray  # [n_classes] v(x)
+
+    @property
+    def additivity_gap(self) -> np.ndarray:
+        return self.values.sum(0) - (self.full - self.base)
+
+
+class _DeletionMasker:
+    """shap masker for the deletion game: the masked input handed to the model is the
+    coalition itself (a boolean row), and the model function turns it into a token sequence."""
+
+    immutable_outputs = True
+
+    def shape(self, x):
+        return (1, x.shape[0])
+
+    def mask_shapes(self, x):
+        return [x.shape]
+
+    def __call__(self, mask, x):
+        return np.asarray(mask, dtype=bool)[None, :]
+
+
+def coalition_sequences(prefix: np.ndarray, genes: np.ndarray, suffix: np.ndarray, masks: np.ndarray) -> list[np.ndarray]:
+    """Token sequences of coalitions: kept genes in their original order, specials around them."""
+    masks = np.asarray(masks, dtype=bool)
+    counts = masks.sum(1)
+    kept = np.broadcast_to(genes, masks.shape)[masks]
+    parts = np.split(kept, np.cumsum(counts)[:-1])
+    if len(prefix) == 0 and len(suffix) == 0:
+        return parts
+    return [np.concatenate([prefix, p, suffix]) for p in parts]
+
+
+def permutation_values(evaluator: Evaluator, tokens: np.ndarray, classes: Sequence[int],
+                       npermutations: int = 10, seed: int = 0) -> CellValues:
+    """Shapley values of the deletion game for one cell by antithetic permutation sampling."""
+    import shap
+
+    prefix, genes, suffix = evaluator.split(tokens)
+    classes = np.asarray(classes, dtype=np.int64)
+
+    def game(masks: np.ndarray) -> np.ndarray:
+        return evaluator.logits(coalition_sequences(prefix, genes, suffix, masks))[:, classes]
+
+    full = game(np.ones((1, len(genes)), dtype=bool))[0]
+    base = game(np.zeros((1, len(genes)), dtype=bool))[0]
+    if len(genes) == 0:
+        empty = np.zeros((0, len(classes)))
+        return CellValues(genes, empty, empty, base, full)
+    # shap shuffles with NumPy's global generator; seed it per cell so a cell's values do
+    # not depend on which cells were explained before it.
+    explainer = shap.PermutationExplainer(game, _DeletionMasker(), seed=int(seed))
+    n_evals = 2 * len(genes) + 1
+    res = explainer(
+        np.arange(len(genes), dtype=np.float64)[None, :], max_evals=npermutations * n_evals,
+        batch_size=n_evals, error_bounds=True, silent=True,
+    )
+    values = np.asarray(res.values[0], dtype=np.float64).reshape(len(genes), len(classes))
+    # error_std is the spread over permutation halves (forward and reverse passes); the mean
+    # of 2·npermutations of them has this standard error (conservative: the antithetic halves
+    # are negatively correlated).
+    std = np.asarray(res.error_std[0], dtype=np.float64).reshape(len(genes), len(classes))
+    stderr = std / math.sqrt(2 * npermutations)
+    return CellValues(genes, values, stderr, base, full)
+
+
+def gradient_values(evaluator: Evaluator, tokens: np.ndarray, classes: Sequence[int],
+                    nsamples: int = 64, seed: int = 0) -> CellValues:
+    """Expected gradients on the gene embeddings against the zeroed-gene baseline (one cell)."""
+    import shap
+    import torch
+
+    from cellrank_fm.batching import pack
+
+    model = evaluator.model
+    tokens = np.asarray(tokens, dtype=np.int64)
+    is_gene = ~np.isin(tokens, evaluator.special_ids)
+    classes = list(int(c) for c in classes)
+    device = evaluator.device
+    emb = model.bert.embeddings.word_embeddings.weight
+    with torch.no_grad():
+        x = emb[torch.from_numpy(tokens).to(device)].float()[None]  # [1, L, H]
+    baseline = x.clone()
+    baseline[0, torch.from_numpy(is_gene).to(device)] = 0.0
+    packs: dict[int, object] = {}
+
+    class EmbeddingInput(torch.nn.Module):
+        """inputs_embeds [B, L, H] of copies of this cell → the explained logits [B, k]."""
+
+        def forward(self, e):
+            b = e.shape[0]
+            if b not in packs:
+                packs[b] = pack([tokens] * b, device)
+            return model(packs[b], inputs_embeds=e.reshape(-1, e.shape[-1]))[:, classes]
+
+    wrapper = EmbeddingInput()
+    with torch.no_grad():
+        full = wrapper(x)[0].double().cpu().numpy()
+        base = wrapper(baseline)[0].double().cpu().numpy()
+    explainer = shap.GradientExplainer(wrapper, baseline, batch_size=nsamples)
+    with torch.enable_grad():
+        sv = explainer.shap_values(x, nsamples=nsamples, rseed=int(seed))
+    sv = np.asarray(sv, dtype=np.float64)
+    # shap returns [1, L, H] for one output, [1, L, H, k] for several.
+    if sv.ndim == 3:
+        sv = sv[..., None]
+    per_token = sv[0].sum(axis=1)  # [L, k]: sum over the embedding dimensions
+    evaluator.evaluations += nsamples * len(classes) + 2
+    values = per_token[is_gene]
+    return CellValues(tokens[is_gene], values, np.full_like(values, np.nan), base, full)
+
+
+# ----------------------------------------------------------------------------- many cells
+
+
+@dataclass
+class ExplainResult:
+    """Per-cell SHAP values (long table), per-cell summary and per-class gene importance."""
+
+    values: "object"  # pandas.DataFrame: cell_id, class, gene_id, gene_symbol, rank, shap_value, shap_stderr
+    cells: "object"  # pandas.DataFrame: one row per explained cell
+    importance: "object"  # pandas.DataFrame: class × gene importance
+    method: str
+    settings: dict = field(default_factory=dict)
+
+
+def select_cells(labels: Sequence[str], per_class: int | None, seed: int) -> np.ndarray:
+    """Indices of the cells to explain: all, or up to `per_class` per class sampled with `seed`."""
+    labels = np.asarray([str(x) for x in labels], dtype=object)
+    if per_class is None:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    picked = []
+    for cls in sorted(set(labels)):
+        idx = np.flatnonzero(labels == cls)
+        picked.append(np.sort(rng.choice(idx, size=min(per_class, len(idx)), replace=False)))
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
+def class_indices(labels: Sequence[str], names: Sequence[str] | None, what: str) -> list[int]:
+    """Positions of class `names` among the model's `labels`; UserError for an unknown name."""
+    if names is None:
+        return list(range(len(labels)))
+    out = []
+    for name in names:
+        if name not in labels:
+            raise UserError(f"{what} {name!r} is not a class of this model; its classes are {', '.join(map(str, labels))}.")
+        out.append(list(labels).index(name))
+    return out
+
+
+def explain(
+    evaluator: Evaluator,
+    cells: Cells,
+    *,
+    method: str = "permutation",
+    label_column: str | None = None,
+    classes: Sequence[str] | None = None,
+    all_classes: bool = False,
+    per_class: int | None = None,
+    npermutations: int = 10,
+    nsamples: int = 64,
+    seed: int = 0,
+    symbols: dict[str, str] | None = None,
+    quiet: bool = False,
+) -> ExplainResult:
+    """Explain cells of `cells` with `method`; see the module docstring for the game.
+
+    Each cell is explained for its *group* class — its true class from `label_column`, or the
+    model's prediction when no column is given — and with `all_classes` for every class too.
+    `classes` keeps only the cells whose group is one of them. `per_class` samples that many
+    cells per group with `seed`.
+    """
+    import pandas as pd
+
+    from cellrank_fm.progress import progress_bar
+
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}; use one of {', '.join(METHODS)}.")
+    labels = evaluator.labels
+    predicted = evaluator.logits(cells.tokens).argmax(1)
+    if label_column is not None:
+        if label_column not in cells.obs.columns:
+            raise UserError(f"the input has no column {label_column!r}; it has {', '.join(map(str, cells.obs.columns))}.")
+        group = [str(v) for v in cells.obs[label_column].to_numpy()]
+        unknown = sorted(set(group) - set(labels))
+        if unknown:
+            raise UserError(
+                f"{label_column!r} holds {unknown[0]!r}, which is not a class of this model "
+                f"(classes: {', '.join(labels)}); pick the column the model was trained on."
+            )
+    else:
+        group = [labels[k] for k in predicted]
+    group_arr = np.asarray(group, dtype=object)
+    if classes is not None:
+        class_indices(labels, classes, "class")
+        eligible = np.flatnonzero(np.isin(group_arr, list(classes)))
+    else:
+        eligible = np.arange(len(cells))
+    chosen = eligible[select_cells(group_arr[eligible], per_class, seed)]
+    if len(chosen) == 0:
+        raise UserError("no cell to explain: no cell belongs to the requested classes.")
+
+    vocab_inv = {v: k for k, v in (evaluator.info.vocabulary or {}).items()}
+    symbols = symbols if symbols is not None else (evaluator.info.symbols or {})
+    seeds = np.random.SeedSequence(seed).generate_state(len(cells), dtype=np.uint32)
+    value_frames, cell_rows = [], []
+    total_genes = int(sum(len(evaluator.split(cells.tokens[i])[1]) for i in chosen))
+    with progress_bar("genes", quiet=quiet) as bar:
+        task = bar.add_task(f"explaining {len(chosen)} cells ({method})", total=total_genes)
+        for i in chosen:
+            own = labels.index(group[i])
+            explained = list(range(len(labels))) if all_classes else [own]
+            fn = permutation_values if method == "permutation" else gradient_values
+            kw = dict(npermutations=npermutations) if method == "permutation" else dict(nsamples=nsamples)
+            cv = fn(evaluator, cells.tokens[i], explained, seed=int(seeds[i]), **kw)
+            n = len(cv.genes)
+            gene_ids = [vocab_inv.get(int(t), str(int(t))) for t in cv.genes]
+            gaps = cv.additivity_gap
+            for j, k in enumerate(explained):
+                value_frames.append(pd.DataFrame({
+                    "cell_id": cells.cell_ids[i],
+                    "class": labels[k],
+                    "gene_id": gene_ids,
+                    "gene_symbol": [symbols.get(g, g) for g in gene_ids],
+                    "rank": np.arange(1, n + 1, dtype=np.int32),
+                    "shap_value": cv.values[:, j],
+                    "shap_stderr": cv.stderr[:, j],
+                }))
+                cell_rows.append({
+                    "cell_id": cells.cell_ids[i], "group": group[i], "predicted": labels[predicted[i]],
+                    "class": labels[k], "n_genes": n, "logit": cv.full[j], "base_logit": cv.base[j],
+                    "sum_shap": float(cv.values[:, j].sum()), "additivity_gap": float(gaps[j]),
+                    "median_stderr": float(np.nanmedian(cv.stderr[:, j])) if n and method == "permutation" else np.nan,
+                })
+            bar.advance(task, n)
+    values = pd.concat(value_frames, ignore_index=True)
+    cells_df = pd.DataFrame(cell_rows)
+    importance = class_importance(values, cells_df)
+    return ExplainResult(values, cells_df, importance, method, settings=dict(
+        method=method, label_column=label_column, per_class=per_class, npermutations=npermutations,
+        nsamples=nsamples, seed=seed, all_classes=all_classes, classes=list(classes) if classes else None,
+    ))
+
+
+def class_importance(values, cells) -> "object":
+    """Per class, each gene's importance over the cells of that class (its group).
+
+    mean_abs_shap and mean_shap average over *all* cells of the class, a cell that does not
+    express the gene counting as 0; fraction_expressing is the share of those cells that have
+    it; mean_shap_expressing averages over those cells only.
+    """
+    import pandas as pd
+
+    own = values.merge(cells[["cell_id", "class", "group"]], on=["cell_id", "class"])
+    own = own[own["class"] == own["group"]]
+    n_cells = cells[cells["class"] == cells["group"]].groupby("class")["cell_id"].nunique()
+    own = own.assign(abs_shap=own["shap_value"].abs())
+    g = own.groupby(["class", "gene_id"], sort=False)
+    out = g.agg(
+        gene_symbol=("gene_symbol", "first"),
+        sum_abs=("abs_shap", "sum"),
+        sum_shap=("shap_value", "sum"),
+        n_expressing=("shap_value", "size"),
+        mean_rank=("rank", "mean"),
+    ).reset_index()
+    cells_in_class = out["class"].map(n_cells).astype(float)
+    out["n_cells"] = cells_in_class.astype(int)
+    out["mean_abs_shap"] = out["sum_abs"] / cells_in_class
+    out["mean_shap"] = out["sum_shap"] / cells_in_class
+    out["fraction_expressing"] = out["n_expressing"] / cells_in_class
+    out["mean_shap_expressing"] = out["sum_shap"] / out["n_expressing"]
+    out = out.drop(columns=["sum_abs", "sum_shap"])
+    out = out.sort_values(["class", "mean_abs_shap"], ascending=[True, False], kind="stable")
+    out["importance_rank"] = out.groupby("class").cumcount() + 1
+    cols = ["class", "importance_rank", "gene_id", "gene_symbol", "mean_abs_shap", "mean_shap",
+            "fraction_expressing", "mean_shap_expressing", "n_expressing", "n_cells", "mean_rank"]
+    return pd.DataFrame(out[cols]).reset_index(drop=True)
+
+
+def top_genes(importance, cls: str, k: int = 10, column: str = "gene_id") -> list[str]:
+    """The `k` most important genes of class `cls` (by mean |SHAP|)."""
+    sub = importance[importance["class"] == cls].sort_values("mean_abs_shap", ascending=False)
+    return list(sub[column].head(k))
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def write_outputs(result: ExplainResult, out_dir: str | Path, top: int = 20) -> Path:
+    """Parquet/CSV tables and PNG plots into `out_dir` (written whole or not at all)."""
+    import json
+
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        result.values.to_parquet(tmp / "shap_values.parquet", index=False)
+        result.cells.to_parquet(tmp / "cells.parquet", index=False)
+        result.importance.to_parquet(tmp / "gene_importance.parquet", index=False)
+        result.importance.to_csv(tmp / "gene_importance.csv", index=False)
+        (tmp / "settings.json").write_text(json.dumps(result.settings, indent=1) + "\n")
+        plot_importance(result, tmp, top=top)
+    return out_dir
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
+
+
+def plot_importance(result: ExplainResult, out_dir: Path, top: int = 20) -> list[Path]:
+    """Top genes per class (bars), a beeswarm per class and a class × gene heatmap."""
+    from cellrank_fm.plots import _figure, bar_png
+
+    imp = result.importance
+    written = []
+    classes = sorted(imp["class"].unique())
+    for cls in classes:
+        sub = imp[imp["class"] == cls].head(top)
+        path = out_dir / f"top_genes_{_safe(cls)}.png"
+        bar_png(list(sub["gene_symbol"]), sub["mean_abs_shap"], path,
+                title=f"{cls}: top genes by mean |SHAP| ({result.method})", xlabel="mean |SHAP| (logit)")
+        written.append(path)
+        path = out_dir / f"beeswarm_{_safe(cls)}.png"
+        _beeswarm(result, cls, list(sub["gene_id"]), list(sub["gene_symbol"]), path, _figure)
+        written.append(path)
+    path = out_dir / "heatmap.png"
+    _heatmap(imp, classes, max(3, min(10, top)), path, _figure)
+    written.append(path)
+    return written
+
+
+def _beeswarm(result, cls, gene_ids, gene_symbols, path, figure):
+    """Each dot a cell: its SHAP value for the gene, coloured by the gene's rank in the cell."""
+    vals = result.values
+    own = vals[(vals["class"] == cls)]
+    own = own[own["cell_id"].isin(result.cells.loc[result.cells["group"] == cls, "cell_id"])]
+    rng = np.random.default_rng(0)
+    with figure(path, size=(7, max(3.0, 0.3 * len(gene_ids) + 1.2))) as (fig, ax):
+        sc = None
+        for row, gid in enumerate(gene_ids):
+            g = own[own["gene_id"] == gid]
+            y = len(gene_ids) - 1 - row + rng.uniform(-0.3, 0.3, size=len(g))
+            sc = ax.scatter(g["shap_value"], y, c=np.log10(g["rank"].to_numpy()), cmap="coolwarm_r", s=6,
+                            linewidths=0, vmin=0, vmax=max(1.0, np.log10(max(2, vals["rank"].max()))))
+        ax.axvline(0, color="grey", linewidth=0.6)
+        ax.set_yticks(range(len(gene_ids))[::-1], gene_symbols, fontsize=8)
+        ax.set_xlabel("SHAP value (logit)")
+        ax.set_title(f"{cls}: SHAP value per cell ({result.method})")
+        if sc is not None:
+            fig.colorbar(sc, ax=ax, label="log10 rank in cell (red = top-ranked)")
+
+
+def _heatmap(imp, classes, per_class, path, figure):
+    """Signed mean SHAP of each class's top genes, for every class (columns: genes)."""
+    genes, seen = [], set()
+    for cls in classes:
+        for gid in imp[imp["class"] == cls].head(per_class)["gene_id"]:
+            if gid not in seen:
+                seen.add(gid)
+                genes.append(gid)
+    table = imp.pivot_table(index="class", columns="gene_id", values="mean_shap", fill_value=0.0)
+    table = table.reindex(index=classes, columns=genes, fill_value=0.0)
+    sym = imp.drop_duplicates("gene_id").set_index("gene_id")["gene_symbol"]
+    lim = float(np.abs(table.to_numpy()).max()) or 1.0
+    with figure(path, size=(max(6.0, 0.3 * len(genes) + 2), max(3.0, 0.4 * len(classes) + 1.5))) as (fig, ax):
+        im = ax.imshow(table.to_numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+        ax.set_yticks(range(len(classes)), classes)
+        ax.set_xticks(range(len(genes)), [sym.get(g, g) for g in genes], rotation=90, fontsize=7)
+        fig.colorbar(im, ax=ax, label="mean SHAP (own-class cells)")
+        ax.set_title("class × gene importance")
+
+
+def summary_table(result: ExplainResult, top: int = 5):
+    """A rich Table: per class, cells explained, top genes, additivity gap and sampling error."""
+    from rich.table import Table
+
+    t = Table(title=f"SHAP gene importance ({result.method})")
+    for col in ("class", "cells", f"top {top} genes (mean |SHAP|)", "median |gap|", "median stderr"):
+        t.add_column(col)
+    cells = result.cells[result.cells["class"] == result.cells["group"]]
+    for cls, sub in cells.groupby("class"):
+        genes = top_genes(result.importance, cls, top, column="gene_symbol")
+        stderr = sub["median_stderr"].median()
+        t.add_row(str(cls), str(len(sub)), ", ".join(genes), f"{sub['additivity_gap'].abs().median():.2e}",
+                  "-" if np.isnan(stderr) else f"{stderr:.3g}")
+    return t
