@@ -18,7 +18,7 @@ import numpy as np
 
 from cellrank_fm.errors import UserError
 
-_ENSEMBL = re.compile(r"^(ENS[A-Z]*G\d{6,})(\.\d+)?(_PAR_Y)?$", re.IGNORECASE)
+_ENSEMBL = re.compile(r"^(ENS[A-Z]{0,4}GR?\d{6,})(\.\d+)?(_PAR_Y)?$", re.IGNORECASE)
 
 
 def looks_like_ensembl(label: str) -> bool:
