@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from cellrank_fm._core import tokenize_csr
+from cellrank_fm._core import MedianSketch, ShardWriter, tokenize_csr
 
 
 def reference_tokens(mat: sp.csr_matrix, n_counts, col_token, col_median, max_genes, prefix=-1, suffix=-1):
@@ -109,3 +109,124 @@ def test_nonint_count_and_bad_values():
         tokenize_csr(indptr, np.array([0, 7, 0, 2], np.int32), np.ones(4), None, col_token, ones, 5)
     with pytest.raises(TypeError, match="data must be"):
         tokenize_csr(indptr, indices, np.ones(4, np.int8), None, col_token, ones, 5)
+
+
+def exact_nonzero_medians(mat: sp.csr_matrix, col_gene, n_genes):
+    """Per gene, numpy's median of the nonzero x / n_counts * 10000 (same-gene columns summed)."""
+    totals = np.asarray(mat.sum(axis=1)).ravel()
+    keep = col_gene >= 0
+    to_gene = sp.csr_matrix((np.ones(keep.sum()), (np.flatnonzero(keep), col_gene[keep])),
+                            shape=(mat.shape[1], n_genes))
+    per_gene = (mat.astype(np.float64) @ to_gene).toarray()
+    values = per_gene / totals[:, None] * 10000
+    return [np.median(v[v > 0]) if (v > 0).any() else np.nan for v in values.T], (values > 0).sum(axis=0)
+
+
+def test_median_sketch_bound_and_merge():
+    rng = np.random.default_rng(5)
+    n_cols, n_genes = 80, 60
+    col_gene = np.arange(n_cols, dtype=np.int32)
+    col_gene[60:75] = rng.integers(0, 60, size=15)  # columns summed into an existing gene
+    col_gene[75:] = -1
+    mats = []
+    for _ in range(3):
+        mat = sp.random(400, n_cols, density=0.3, format="csr", random_state=rng,
+                        data_rvs=lambda k: rng.integers(1, 50, size=k).astype(np.float32))
+        mat.data *= rng.integers(1, 40, size=mat.nnz)  # spread values over decades
+        mats.append(mat)
+    drop59 = np.ones(n_cols)
+    drop59[59] = 0
+    mats[0] = (mats[0] @ sp.diags(drop59)).tocsr()  # a gene seen in only part of the corpus (float64 chunk)
+    mats[0].eliminate_zeros()
+    alpha = 0.002
+    whole = MedianSketch(n_genes, relative_accuracy=alpha)
+    merged = MedianSketch(n_genes, relative_accuracy=alpha)
+    for mat in mats:
+        whole.update(mat.indptr, mat.indices, mat.data, None, col_gene)
+        part = MedianSketch(n_genes, alpha)
+        part.update(mat.indptr.astype(np.int64), mat.indices, mat.data, None, col_gene)
+        merged.merge(MedianSketch.from_bytes(part.to_bytes()))
+    exact, counts = exact_nonzero_medians(sp.vstack(mats, format="csr"), col_gene, n_genes)
+    got = whole.medians()
+    rel = np.abs(got - exact) / np.asarray(exact)
+    assert np.all(rel <= alpha * (1 + 1e-9)), rel.max()
+    assert rel.max() > alpha / 20  # the sketch really is approximate, and the check can fail
+    np.testing.assert_array_equal(whole.nonzero_counts(), counts)
+    np.testing.assert_array_equal(merged.medians(), got)
+    np.testing.assert_array_equal(merged.nonzero_counts(), whole.nonzero_counts())
+    assert whole.to_bytes() != MedianSketch(n_genes, alpha).to_bytes()
+
+
+def test_median_sketch_errors_and_empty_genes():
+    sk = MedianSketch(3)
+    assert np.isnan(sk.medians()).all() and sk.relative_accuracy == 0.001
+    with pytest.raises(ValueError, match="row 1 column 0 has a negative or NaN value"):
+        sk.update(np.array([0, 1, 2]), np.array([0, 0]), np.array([2.0, -1.0]), None, np.array([0], np.int32))
+    with pytest.raises(ValueError, match="not a cellrank median sketch"):
+        MedianSketch.from_bytes(b"nonsense")
+    with pytest.raises(ValueError, match="cannot merge"):
+        sk.merge(MedianSketch(4))
+
+
+def test_shard_writer_round_trip(tmp_path):
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(2)
+    mat = random_csr(rng, 30, 40, 0.3, np.int32)
+    tokens, offsets, _ = tokenize_csr(mat.indptr, mat.indices, mat.data, None,
+                                      np.arange(40, dtype=np.int32), np.ones(40), 10, 2, 3)
+    schema = [("cell_type", "str"), ("batch", "i64"), ("score", "f64"), ("ok", "bool")]
+    w = ShardWriter(str(tmp_path), "uint16", schema, zstd_level=3)
+    w.begin_part(0)
+    # First chunk: the whole token array with the first rows' offsets; second chunk: its own
+    # token slice with offsets that do not start at 0 (rows are relative to offsets[0]).
+    w.write(tokens, offsets[:16], [f"cell{i}" for i in range(15)], "in.h5ad", {
+        "cell_type": np.array(["T", "B", None] * 5, dtype=object),
+        "batch": np.arange(15),
+        "score": np.linspace(0, 1, 15),
+        "ok": np.arange(15) % 2 == 0,
+    })
+    w.write(tokens[offsets[15]:], offsets[15:], [f"cell{i}" for i in range(15, 30)], "in.h5ad", {
+        "cell_type": ["T", "B", None] * 5,
+        "batch": list(range(15, 30)),
+        "score": np.linspace(0, 1, 15),
+        "ok": [i % 2 == 0 for i in range(15, 30)],
+    })
+    w.end_part()
+    assert w.finish() == {0: 30}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00000.parquet"]
+    f = pq.ParquetFile(tmp_path / "part-00000.parquet")
+    assert f.metadata.num_row_groups == 2
+    assert f.metadata.row_group(0).column(0).compression == "ZSTD"
+    table = f.read()
+    assert table.column_names == ["input_ids", "length", "cell_id", "source", "cell_type", "batch", "score", "ok"]
+    assert str(table.schema.field("input_ids").type.value_type) == "uint16"
+    assert str(table.schema.field("length").type) == "uint32"
+    assert table.column("input_ids").to_pylist() == split(tokens, offsets)
+    assert table.column("length").to_pylist() == np.diff(offsets).tolist()
+    assert table.column("cell_id").to_pylist() == [f"cell{i}" for i in range(30)]
+    assert set(table.column("source").to_pylist()) == {"in.h5ad"}
+    assert table.column("cell_type").to_pylist() == ["T", "B", None] * 10
+    assert table.column("batch").to_pylist() == list(range(30))
+    assert table.column("ok").to_pylist() == [i % 2 == 0 for i in range(30)]
+
+
+def test_shard_writer_abort_and_errors(tmp_path):
+    w = ShardWriter(tmp_path, "uint32", [("label", "str")])
+    w.begin_part(3)
+    w.write(np.array([5, 6], np.uint32), np.array([0, 2]), ["a"], "s", {"label": ["x"]})
+    with pytest.raises(ValueError, match="1 values of kind"):
+        w.write(np.array([5, 6], np.uint32), np.array([0, 2]), ["a"], "s", {"label": ["x", "y"]})
+    with pytest.raises(ValueError, match="not in the shard's schema"):
+        w.write(np.array([5], np.uint32), np.array([0, 1]), ["a"], "s", {"other": ["x"]})
+    w.abort()
+    assert list(tmp_path.iterdir()) == []  # no temp file, no part
+    w = ShardWriter(tmp_path, "uint16", [])
+    w.begin_part(0)
+    with pytest.raises(ValueError, match="does not fit"):
+        w.write(np.array([70000], np.uint32), np.array([0, 1]), ["a"], "s")
+    with pytest.raises(ValueError, match="part 0 was begun but never ended"):
+        w.finish()
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="token_type"):
+        ShardWriter(tmp_path, "int8", [])
