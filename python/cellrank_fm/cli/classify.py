@@ -91,7 +91,7 @@ def finetune_cmd(
     folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds over genes (--task genes).", rich_help_panel=MODEL)] = 5,
     pooling: Annotated[Optional[str], typer.Option("--pooling", help="cls or mean (default: cls for V2 tokens, mean for V1).", rich_help_panel=MODEL)] = None,
     freeze_layers: Annotated[int, typer.Option("--freeze-layers", help="Freeze the embeddings and the first N encoder layers.", rich_help_panel=TRAIN)] = 0,
-    epochs: Annotated[float, typer.Option("--epochs", help="Passes over the training cells (at most; early stopping may end sooner).", rich_help_panel=TRAIN)] = 10.0,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over the training cells (at most; early stopping may end sooner). Default: 10 for cells, 3 per fold for genes.", rich_help_panel=TRAIN)] = None,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (linear warm-up, then linear decay).", rich_help_panel=TRAIN)] = 1e-4,
     tokens_per_batch: Annotated[int, typer.Option("--tokens-per-batch", help="Padded tokens per batch.", rich_help_panel=TRAIN)] = 16384,
     patience: Annotated[int, typer.Option("--patience", help="Stop after this many evaluations without a better validation macro-F1 (0 = never).", rich_help_panel=TRAIN)] = 4,
@@ -121,13 +121,13 @@ def finetune_cmd(
 
     split_kw = _split_kwargs(seed, split_by, split_column, validation_fraction, test_fraction, min_class_size)
     if task == "genes":
-        from cellrank_fm.finetune_genes import GeneTaskOptions, finetune_genes
+        from cellrank_fm.finetune import GeneTaskOptions, finetune_genes
 
         if gene_labels is None:
             raise UserError("--task genes needs --gene-labels CSV (one column per gene class).")
         result = finetune_genes(shards, out, gene_labels, GeneTaskOptions(
-            from_model=from_model, preset=preset, folds=folds, seed=seed, epochs=epochs, lr=lr,
-            tokens_per_batch=tokens_per_batch, freeze_layers=freeze_layers, max_cells=max_cells,
+            from_model=from_model, preset=preset, folds=folds, seed=seed, epochs=epochs or 3.0, lr=lr,
+            tokens_per_batch=tokens_per_batch, freeze_layers=freeze_layers, max_cells=max_cells or 2000,
             device=device, quiet=quiet))
         from rich.table import Table
 
@@ -139,7 +139,7 @@ def finetune_cmd(
             table.add_row(str(f["fold"]), str(f["test_genes"]), f"{f['roc_auc']:.3f}")
         table.add_row("mean ± sd", "", f"{result['roc_auc_mean']:.3f} ± {result['roc_auc_sd']:.3f}")
         print_table(table)
-        typer.echo(f"wrote {out}/metrics.json and {out}/roc.png")
+        typer.echo(f"wrote {out}/metrics.json" + (f" and {out}/roc.png" if len(result["classes"]) == 2 else ""))
         return
     if task != "cells":
         raise UserError(f"--task must be cells or genes, not {task!r}.")
@@ -147,7 +147,7 @@ def finetune_cmd(
         raise UserError("cell classification needs --label COLUMN (a metadata column kept in the shards).")
     opts = FinetuneOptions(
         label=label, from_model=from_model, preset=preset, pooling=pooling, freeze_layers=freeze_layers,
-        class_weight=not no_class_weight, epochs=epochs, lr=lr, tokens_per_batch=tokens_per_batch,
+        class_weight=not no_class_weight, epochs=epochs or 10.0, lr=lr, tokens_per_batch=tokens_per_batch,
         evals_per_epoch=evals_per_epoch, patience=patience, max_cells=max_cells, device=device,
         max_seconds=max_seconds, quiet=quiet, **split_kw,
     )

@@ -1,0 +1,569 @@
+"""Fine-tuning: a cell classifier (or a gene classifier) on top of a pretrained encoder.
+
+Cell classification: the split comes from `cellrank_fm.splits` (the same one `baseline` uses),
+the head sits on the <cls> token (V2 tokens) or the mean of the gene tokens (V1), classes are
+weighted by inverse training frequency, the first layers can be frozen, and the training loop
+is `cellrank_fm.train.train`. The task evaluates validation macro-F1 at every evaluation, keeps
+the best weights, and asks the loop to stop once `patience` evaluations brought no gain.
+
+The output directory is a model directory (config.json, model.safetensors, vocabulary,
+medians, labels.json) holding the best checkpoint, plus metrics.json (test split),
+confusion_matrix.png, split.csv (every cell's split) and training/ (the loop's log).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cellrank_fm.batching import pack, token_budget_batches
+from cellrank_fm.errors import UserError, atomic_path
+from cellrank_fm.metrics import classification_metrics, write_json
+from cellrank_fm.splits import SHARD_HINT, Split, split_cells
+
+GENE_SET_FILE = "gene_set.json"
+
+
+@dataclass
+class FinetuneOptions:
+    label: str
+    from_model: str | Path | None = None
+    preset: str | None = None
+    seed: int = 0
+    split_by: str | None = None
+    split_column: str | None = None
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+    min_class_size: int = 10
+    pooling: str | None = None  # default: "cls" for V2 tokens, else "mean"
+    freeze_layers: int = 0
+    class_weight: bool = True
+    epochs: float = 10.0
+    lr: float = 1e-4
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.01
+    tokens_per_batch: int = 16384
+    evals_per_epoch: int = 2
+    patience: int = 4
+    max_cells: int | None = None  # use at most this many training cells (seeded sample)
+    dropout: float | None = None
+    device: str = "auto"
+    max_seconds: float | None = None
+    quiet: bool = False
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- model set-up
+
+
+def model_info(shards) -> dict[str, Any]:
+    """The tokenization facts a model directory records so `predict` can tokenize alike."""
+    from cellrank_fm.vocab import content_sha256
+
+    m = shards.manifest
+    return {
+        "model_version": shards.model_version,
+        "model_input_size": shards.model_input_size,
+        "special_tokens": shards.special_tokens,
+        "vocabulary_sha256": shards.vocab_sha256 or content_sha256(shards.vocabulary),
+        "gene_set": (m.get("gene_set") or None),
+        "gene_id_column": (m.get("settings") or {}).get("gene_id_column"),
+    }
+
+
+def gene_set_ids(shards) -> list[str] | None:
+    """The gene IDs a gene-set tokenization kept (re-resolved from the recorded source), or None."""
+    info = shards.manifest.get("gene_set")
+    if not info:
+        return None
+    stored = shards.path / GENE_SET_FILE
+    if stored.is_file():
+        return sorted(json.loads(stored.read_text()))
+    from cellrank_fm.genes import load_gene_set, resolve_gene_set
+
+    source = Path(str(info.get("source", "")))
+    if not source.is_file():
+        raise UserError(
+            f"the shards were tokenized with the gene set {source}, which is gone; the model must "
+            f"record it so `predict` tokenizes new cells alike — restore the file."
+        )
+    column = (shards.manifest.get("settings") or {}).get("genes_column")
+    ids, _ = resolve_gene_set(load_gene_set(source, column), None, shards.vocabulary)
+    return sorted(ids)
+
+
+def _special_ids(special: dict) -> list[int]:
+    return sorted(int(v) for v in special.values() if v is not None)
+
+
+def build_classifier(shards, num_labels: int, opts: FinetuneOptions):
+    """A BertForSequenceClassification whose encoder comes from `--from` or a fresh `--preset`."""
+    from cellrank_fm.model import BertForSequenceClassification, preset_config
+    from cellrank_fm.shards import check_vocabulary
+
+    special = shards.special_tokens
+    pooling = opts.pooling or ("cls" if special.get("cls") is not None and shards.model_version == "v2" else "mean")
+    if pooling == "cls" and special.get("cls") is None:
+        raise UserError("--pooling cls needs a <cls> token first in every cell (V2 tokens); use --pooling mean.")
+    changes: dict[str, Any] = dict(num_labels=num_labels, pooling=pooling, special_token_ids=_special_ids(special))
+    if opts.dropout is not None:
+        changes.update(hidden_dropout_prob=opts.dropout, attention_probs_dropout_prob=opts.dropout)
+    if (opts.from_model is None) == (opts.preset is None):
+        raise UserError("give exactly one of --from MODEL_DIR (a pretrained model) or --preset NAME (train from scratch).")
+    if opts.from_model is not None:
+        from cellrank_fm.checkpoint import load_encoder
+        from cellrank_fm.vocab import content_sha256
+
+        model, info = load_encoder(opts.from_model, BertForSequenceClassification, **changes)
+        sha = content_sha256(info.vocabulary) if info.vocabulary else None
+        check_vocabulary(shards, model.config.vocab_size, sha, f"the model {opts.from_model}")
+    else:
+        size = shards.model_input_size or 2048
+        changes.update(opts.model_overrides)
+        cfg = preset_config(opts.preset, vocab_size=shards.vocab_size, **changes)
+        if cfg.max_position_embeddings < size:
+            cfg = cfg.replace(max_position_embeddings=size)
+        if cfg.vocab_size != shards.vocab_size:
+            raise UserError(
+                f"preset {opts.preset!r} has a vocabulary of {cfg.vocab_size:,} tokens but the shards use "
+                f"{shards.vocab_size:,}; use the preset 'tiny' or tokenize with the matching vocabulary."
+            )
+        torch.manual_seed(opts.seed)
+        model = BertForSequenceClassification(cfg)
+    freeze_layers(model, opts.freeze_layers)
+    return model
+
+
+def freeze_layers(model, n: int) -> None:
+    """Freeze the embeddings and the first `n` encoder layers (n = 0: train everything)."""
+    if n <= 0:
+        return
+    layers = model.bert.encoder.layer
+    if n > len(layers):
+        raise UserError(f"--freeze-layers {n} exceeds the model's {len(layers)} layers.")
+    for p in model.bert.embeddings.parameters():
+        p.requires_grad_(False)
+    for layer in layers[:n]:
+        for p in layer.parameters():
+            p.requires_grad_(False)
+
+
+def device_for(name: str = "auto") -> torch.device:
+    from cellrank_fm.train import pick_device
+
+    return pick_device(name)
+
+
+@torch.no_grad()
+def predict_tokens(model, tokens: list[np.ndarray], tokens_per_batch: int = 32768,
+                   device: torch.device | None = None) -> np.ndarray:
+    """Class probabilities [cells, classes] for token arrays (all non-empty), in input order."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    lengths = np.array([len(t) for t in tokens], dtype=np.int64)
+    out = np.zeros((len(tokens), model.config.num_labels), dtype=np.float32)
+    for idx in token_budget_batches(lengths, tokens_per_batch, shuffle=False):
+        batch = pack([tokens[i] for i in idx], device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(batch)
+        out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+    return out
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+class CellClassificationTask:
+    """Plugs cell classification into `train.train` (plan / batch / loss / evaluate / save)."""
+
+    name = "finetune"
+
+    def __init__(self, shards, split: Split, opts: FinetuneOptions, class_weights: torch.Tensor | None):
+        self.shards = shards
+        self.split = split
+        self.opts = opts
+        self.train_idx = split.train
+        if opts.max_cells and len(self.train_idx) > opts.max_cells:
+            rng = np.random.default_rng(opts.seed)
+            self.train_idx = np.sort(rng.choice(self.train_idx, size=opts.max_cells, replace=False))
+        lookup = {c: i for i, c in enumerate(split.classes)}
+        self.codes = np.full(len(split.labels), -1, dtype=np.int64)
+        for i in np.concatenate([split.train, split.validation, split.test]):
+            self.codes[i] = lookup[split.labels[i]]
+        self.lengths = shards.lengths.astype(np.int64)
+        self.class_weights = class_weights
+        self.best_f1 = -1.0
+        self.best_step = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.since_best = 0
+        self.stop = False
+        self.history: list[dict] = []
+        self.step = 0
+        # Validation tokens are read once and reused at every evaluation.
+        self.val_tokens = shards.tokens(split.validation) if len(split.validation) else []
+
+    def plan(self, epoch: int, rank: int, world_size: int, tokens_per_batch: int) -> list:
+        idx = self.train_idx
+        batches = token_budget_batches(self.lengths[idx], tokens_per_batch, shuffle=True,
+                                       seed=self.opts.seed * 1000 + epoch)
+        return [idx[b] for b in batches][rank::world_size]
+
+    def batch(self, item, epoch: int, index: int):
+        return pack(self.shards.tokens(item), labels=torch.from_numpy(self.codes[item]))
+
+    def loss(self, model, batch):
+        logits = model(batch)
+        w = None if self.class_weights is None else self.class_weights.to(logits.device)
+        return F.cross_entropy(logits.float(), batch.labels, weight=w)
+
+    def evaluate(self, model) -> dict[str, float]:
+        if not len(self.split.validation):
+            return {}
+        device = next(model.parameters()).device
+        proba = predict_tokens(model, self.val_tokens, device=device)
+        y = self.codes[self.split.validation]
+        m = classification_metrics(y, proba.argmax(1), self.split.classes)
+        loss = float(F.nll_loss(torch.log(torch.from_numpy(proba).clamp_min(1e-9)), torch.from_numpy(y)))
+        self.history.append({"evaluation": len(self.history), "macro_f1": m["macro_f1"],
+                             "accuracy": m["accuracy"], "loss": loss})
+        if m["macro_f1"] > self.best_f1 + 1e-9:
+            self.best_f1 = m["macro_f1"]
+            self.best_eval = len(self.history) - 1
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            self.since_best = 0
+        else:
+            self.since_best += 1
+            if self.opts.patience and self.since_best >= self.opts.patience:
+                self.stop = True
+        return {"macro_f1": m["macro_f1"], "accuracy": m["accuracy"], "loss": loss}
+
+    def should_stop(self) -> bool:
+        return self.stop
+
+    def save(self, model, out_dir: Path, extra: dict) -> None:
+        """Nothing mid-run: the best weights are kept in memory and written once at the end."""
+
+
+def class_weights_for(codes: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, normalised so that a balanced set gets weight 1 per class."""
+    counts = np.bincount(codes, minlength=n_classes).astype(np.float64)
+    w = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def finetune_cells(shard_dir: str | Path, out: str | Path, opts: FinetuneOptions,
+                   with_baseline: bool = False) -> dict:
+    """Fine-tune a cell classifier; write the model directory and reports to `out`.
+
+    Returns {"metrics": test metrics, "baseline": baseline metrics or None, "split": Split}.
+    """
+    from cellrank_fm.checkpoint import save_model_dir
+    from cellrank_fm.plots import confusion_matrix_png, curve_png
+    from cellrank_fm.shards import ShardSet
+    from cellrank_fm.train import TrainConfig, train
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} already exists and is not empty; choose another --out or remove it.")
+    shards = ShardSet(shard_dir)
+    available = list(shards.manifest.get("metadata_columns") or [])
+    cell_ids = shards.column("cell_id")
+    split = split_cells(
+        cell_ids, shards.column, available, label=opts.label, split_by=opts.split_by,
+        split_column=opts.split_column, seed=opts.seed, validation_fraction=opts.validation_fraction,
+        test_fraction=opts.test_fraction, min_class_size=opts.min_class_size, hint=SHARD_HINT,
+    )
+    say = (lambda *a: None) if opts.quiet else (lambda msg: print(msg, flush=True))
+    for msg in split.messages() + [split.summary()]:
+        say(msg)
+    if not len(split.test):
+        raise UserError("the test split is empty; raise --test-fraction or add cells.")
+    gene_set = gene_set_ids(shards)
+    model = build_classifier(shards, len(split.classes), opts)
+    codes_train = np.array([split.classes.index(x) for x in split.labels[split.train]])
+    weights = class_weights_for(codes_train, len(split.classes)) if opts.class_weight else None
+    info = {**model_info(shards), "label_column": opts.label, "trained_on": str(shard_dir)}
+
+    def save_model(m, directory: Path, extra: dict) -> None:
+        save_model_dir(m, directory, shards.vocabulary, shards.medians, shards.symbols,
+                       extra_config={**info, **extra}, labels=list(split.classes))
+        if gene_set is not None:
+            write_json(gene_set, directory / GENE_SET_FILE)
+
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        task = CellClassificationTask(shards, split, opts, weights)
+        steps_per_epoch = max(1, len(task.plan(0, 0, 1, opts.tokens_per_batch)))
+        max_steps = max(1, int(round(opts.epochs * steps_per_epoch)))
+        cfg = TrainConfig(
+            lr=opts.lr, weight_decay=opts.weight_decay, warmup_steps=int(opts.warmup_fraction * max_steps),
+            schedule="linear", max_steps=max_steps, tokens_per_batch=opts.tokens_per_batch,
+            eval_every=max(1, steps_per_epoch // max(1, opts.evals_per_epoch)), eval_at_start=False,
+            log_every=max(1, min(10, steps_per_epoch)), seed=opts.seed, device=opts.device,
+            max_seconds=opts.max_seconds, quiet=opts.quiet,
+        )
+        summary = train(model, task, cfg, tmp / "training")
+        # The best checkpoint (by validation macro-F1) becomes the model; without a validation
+        # split, the last weights do.
+        if task.best_state is not None:
+            model.load_state_dict(task.best_state)
+        device = next(model.parameters()).device
+        save_model(model, tmp, {"step": summary["step"], "best_validation_macro_f1": task.best_f1})
+        # Fine-tuning is short and restarts cleanly; the optimizer state is not worth its size.
+        (tmp / "training" / "trainer_state.pt").unlink(missing_ok=True)
+        proba = predict_tokens(model, shards.tokens(split.test), device=device)
+        y_test = split.codes("test")
+        metrics = classification_metrics(y_test, proba.argmax(1), split.classes)
+        metrics.update({
+            "model": "cellrank fine-tuned classifier",
+            "label_column": opts.label,
+            "best_validation_macro_f1": task.best_f1 if task.best_f1 >= 0 else None,
+            "steps": summary["step"], "steps_per_epoch": steps_per_epoch,
+            "stopped_early": bool(task.stop), "seconds": summary["seconds"],
+            "split": {"how": split.how, "seed": opts.seed, "train": len(split.train),
+                      "validation": len(split.validation), "test": len(split.test),
+                      "dropped_classes": split.dropped},
+            "validation_history": task.history,
+        })
+        baseline = None
+        if with_baseline:
+            from cellrank_fm.baseline import run_baseline, table_from_shards
+
+            say("fitting the baseline on the same split ...")
+            baseline = run_baseline(shard_dir, opts.label, split=split, table=table_from_shards(shard_dir),
+                                    seed=opts.seed, class_weight=opts.class_weight)
+            baseline.pop("messages", None)
+            metrics["baseline"] = {k: baseline[k] for k in ("accuracy", "macro_f1", "per_class", "genes", "C")}
+        write_json(metrics, tmp / "metrics.json")
+        confusion_matrix_png(metrics["confusion_matrix"], split.classes, tmp / "confusion_matrix.png",
+                             title=f"{opts.label}: test split")
+        if task.history:
+            curve_png({"validation macro-F1": (list(range(1, len(task.history) + 1)),
+                                               [h["macro_f1"] for h in task.history])},
+                      tmp / "validation_curve.png", xlabel="evaluation", ylabel="macro-F1")
+        _write_split_csv(tmp / "split.csv", cell_ids, split)
+    return {"metrics": metrics, "baseline": baseline, "split": split}
+
+
+def _write_split_csv(path: Path, cell_ids, split: Split) -> None:
+    import pandas as pd
+
+    df = pd.DataFrame({"cell_id": list(cell_ids), "label": split.labels, "split": split.assignment()})
+    df.to_csv(path, index=False)
+
+
+# ----------------------------------------------------------------------------- gene classification
+
+
+@dataclass
+class GeneTaskOptions:
+    from_model: str | Path | None = None
+    preset: str | None = None
+    folds: int = 5
+    seed: int = 0
+    epochs: float = 3.0
+    lr: float = 1e-4
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.01
+    tokens_per_batch: int = 16384
+    freeze_layers: int = 0
+    max_cells: int | None = 2000
+    class_weight: bool = True
+    device: str = "auto"
+    quiet: bool = False
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def read_gene_labels(path: str | Path, vocabulary: dict[str, int]) -> tuple[list[str], dict[str, int], dict]:
+    """Gene classes from a CSV with one column per class (the class name in the header, Ensembl
+    IDs below). Returns (classes, gene id -> class index for genes in the vocabulary, report)."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"gene label file {path} does not exist.")
+    try:
+        df = pd.read_csv(path, dtype=str)
+    except Exception as err:  # noqa: BLE001 - any parse failure is the file's fault
+        raise UserError(f"{path} is not a readable CSV ({err}).") from None
+    if df.shape[1] < 2:
+        raise UserError(f"{path} needs one column per gene class (at least two), each listing Ensembl IDs.")
+    classes = [str(c) for c in df.columns]
+    labels: dict[str, int] = {}
+    listed = twice = 0
+    missing: dict[str, int] = {c: 0 for c in classes}
+    for k, c in enumerate(classes):
+        for raw in df[c].dropna():
+            gid = str(raw).strip().upper().split(".")[0]
+            if not gid:
+                continue
+            listed += 1
+            if gid in labels and labels[gid] != k:
+                twice += 1
+                labels[gid] = -1
+                continue
+            if gid not in vocabulary:
+                missing[c] += 1
+                continue
+            labels[gid] = k
+    labels = {g: k for g, k in labels.items() if k >= 0}
+    report = {"listed": listed, "in_two_classes": twice, "not_in_vocabulary": missing}
+    return classes, labels, report
+
+
+class GeneClassificationTask:
+    """Token-level labels: a token is labelled when its gene is one of the fold's training genes."""
+
+    name = "finetune genes"
+
+    def __init__(self, tokens: list[np.ndarray], token_class: np.ndarray, seed: int,
+                 class_weights: torch.Tensor | None):
+        self.tokens = tokens
+        self.token_class = token_class  # [vocab] class index for training genes, -100 elsewhere
+        self.lengths = np.array([len(t) for t in tokens], dtype=np.int64)
+        self.seed = seed
+        self.class_weights = class_weights
+
+    def plan(self, epoch, rank, world_size, tokens_per_batch):
+        batches = token_budget_batches(self.lengths, tokens_per_batch, shuffle=True, seed=self.seed * 1000 + epoch)
+        return batches[rank::world_size]
+
+    def batch(self, item, epoch, index):
+        toks = [self.tokens[i] for i in item]
+        labels = self.token_class[np.concatenate(toks).astype(np.int64)]
+        return pack(toks, labels=torch.from_numpy(labels))
+
+    def loss(self, model, batch):
+        logits = model(batch)
+        w = None if self.class_weights is None else self.class_weights.to(logits.device)
+        return F.cross_entropy(logits.float(), batch.labels, weight=w, ignore_index=-100)
+
+    def evaluate(self, model):
+        return {}
+
+    def save(self, model, out_dir, extra):
+        """Nothing: each fold's model only serves its held-out genes."""
+
+
+@torch.no_grad()
+def gene_scores(model, tokens: list[np.ndarray], genes: np.ndarray, tokens_per_batch: int = 32768) -> np.ndarray:
+    """Mean class probabilities [len(genes), classes] over every occurrence of each gene token."""
+    device = next(model.parameters()).device
+    model.eval()
+    vocab = model.config.vocab_size
+    sums = torch.zeros(vocab, model.config.num_labels, dtype=torch.float64)
+    counts = torch.zeros(vocab, dtype=torch.float64)
+    lengths = np.array([len(t) for t in tokens], dtype=np.int64)
+    for idx in token_budget_batches(lengths, tokens_per_batch, shuffle=False):
+        batch = pack([tokens[i] for i in idx], device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(batch)
+        p = torch.softmax(logits.float(), -1).cpu().double()
+        ids = batch.input_ids.cpu()
+        sums.index_add_(0, ids, p)
+        counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float64))
+    g = torch.as_tensor(genes, dtype=torch.long)
+    return (sums[g] / counts[g].clamp(min=1)[:, None]).numpy()
+
+
+def finetune_genes(shard_dir: str | Path, out: str | Path, gene_labels: str | Path, opts: GeneTaskOptions) -> dict:
+    """k-fold cross-validation over genes: train a token classifier on the other folds' genes,
+    score the held-out genes by their mean predicted probability, report ROC AUC per fold."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.model_selection import StratifiedKFold
+
+    from cellrank_fm.model import BertForTokenClassification, preset_config
+    from cellrank_fm.plots import roc_png
+    from cellrank_fm.shards import ShardSet, check_vocabulary
+    from cellrank_fm.train import TrainConfig, train
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} already exists and is not empty; choose another --out or remove it.")
+    if (opts.from_model is None) == (opts.preset is None):
+        raise UserError("give exactly one of --from MODEL_DIR (a pretrained model) or --preset NAME.")
+    shards = ShardSet(shard_dir)
+    vocab = shards.vocabulary
+    classes, labels, report = read_gene_labels(gene_labels, vocab)
+    say = (lambda *a: None) if opts.quiet else (lambda msg: print(msg, flush=True))
+    # Cells: a seeded sample of the shards.
+    n = len(shards)
+    rng = np.random.default_rng(opts.seed)
+    cells = np.arange(n) if not opts.max_cells or n <= opts.max_cells else np.sort(
+        rng.choice(n, size=opts.max_cells, replace=False))
+    tokens = shards.tokens(cells)
+    seen = np.zeros(shards.vocab_size, dtype=bool)
+    for t in tokens:
+        seen[t] = True
+    genes = np.array(sorted(g for g in labels if seen[vocab[g]]))
+    unseen = len(labels) - len(genes)
+    y = np.array([labels[g] for g in genes])
+    say(f"{len(genes)} labelled genes occur in the {len(cells):,} cells used "
+        f"({unseen} labelled genes never occur, {sum(report['not_in_vocabulary'].values())} are not in the "
+        f"vocabulary, {report['in_two_classes']} are listed in two classes and were left out)")
+    counts = np.bincount(y, minlength=len(classes)) if len(y) else np.zeros(len(classes), int)
+    if len(y) == 0 or counts.min() < opts.folds:
+        raise UserError(
+            f"each gene class needs at least --folds ({opts.folds}) genes that occur in the cells; have "
+            + ", ".join(f"{c} {k}" for c, k in zip(classes, counts)) + "."
+        )
+    token_ids = np.array([vocab[g] for g in genes])
+    folds = StratifiedKFold(n_splits=opts.folds, shuffle=True, random_state=opts.seed)
+    results, curves = [], []
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        for k, (tr, te) in enumerate(folds.split(genes, y)):
+            token_class = np.full(shards.vocab_size, -100, dtype=np.int64)
+            token_class[token_ids[tr]] = y[tr]
+            if opts.from_model is not None:
+                from cellrank_fm.checkpoint import load_encoder
+                from cellrank_fm.vocab import content_sha256
+
+                model, info = load_encoder(opts.from_model, BertForTokenClassification, num_labels=len(classes))
+                sha = content_sha256(info.vocabulary) if info.vocabulary else None
+                check_vocabulary(shards, model.config.vocab_size, sha, f"the model {opts.from_model}")
+            else:
+                torch.manual_seed(opts.seed + k)
+                cfg = preset_config(opts.preset, vocab_size=shards.vocab_size, num_labels=len(classes),
+                                    **opts.model_overrides)
+                model = BertForTokenClassification(cfg)
+            freeze_layers(model, opts.freeze_layers)
+            weights = class_weights_for(y[tr], len(classes)) if opts.class_weight else None
+            task = GeneClassificationTask(tokens, token_class, opts.seed + k, weights)
+            steps_per_epoch = max(1, len(task.plan(0, 0, 1, opts.tokens_per_batch)))
+            max_steps = max(1, int(round(opts.epochs * steps_per_epoch)))
+            cfg_t = TrainConfig(lr=opts.lr, weight_decay=opts.weight_decay, max_steps=max_steps,
+                                warmup_steps=int(opts.warmup_fraction * max_steps), tokens_per_batch=opts.tokens_per_batch,
+                                eval_every=0, eval_at_start=False, log_every=max(1, min(10, steps_per_epoch)),
+                                seed=opts.seed + k, device=opts.device, quiet=opts.quiet)
+            train(model, task, cfg_t, tmp / f"fold{k}")
+            (tmp / f"fold{k}" / "trainer_state.pt").unlink(missing_ok=True)
+            scores = gene_scores(model, tokens, token_ids[te])
+            if len(classes) == 2:
+                auc = float(roc_auc_score(y[te], scores[:, 1]))
+                fpr, tpr, _ = roc_curve(y[te], scores[:, 1])
+                curves.append((fpr, tpr, f"fold {k + 1} (AUC {auc:.2f})"))
+            else:
+                auc = float(roc_auc_score(y[te], scores, multi_class="ovr", average="macro"))
+            results.append({"fold": k + 1, "train_genes": int(len(tr)), "test_genes": int(len(te)),
+                            "roc_auc": auc, "steps": max_steps})
+            say(f"fold {k + 1}/{opts.folds}: ROC AUC {auc:.3f} on {len(te)} held-out genes")
+        aucs = np.array([r["roc_auc"] for r in results])
+        metrics = {"task": "gene classification", "classes": classes, "genes": int(len(genes)),
+                   "cells": int(len(cells)), "folds": results, "roc_auc_mean": float(aucs.mean()),
+                   "roc_auc_sd": float(aucs.std(ddof=1)) if len(aucs) > 1 else 0.0,
+                   "gene_labels": str(gene_labels), "labels_report": report, "seed": opts.seed}
+        write_json(metrics, tmp / "metrics.json")
+        if curves:
+            roc_png(curves, tmp / "roc.png", title=f"{classes[1]} vs {classes[0]}: held-out genes")
+    return metrics
