@@ -54,12 +54,12 @@ def test_gene_set_keeps_full_vocabulary_ids_and_counts_share(tmp_path):
     mapping = load_mapping([mapping_file])
     ids, missing = resolve_gene_set(load_gene_set(tmp_path / "set.txt"), mapping, VOCAB)
     assert ids == {"ENSG00000000419", "ENSG00000000005"} and missing == 0
-    labels = ["ENSG00000000003", "ENSG00000000005", "ENSG00000000419"]
+    labels = ["ENSG00000000003", "ENSG00000000005", "ENSG00000000419", "OTHER"]
     plan = build_plan(labels, VOCAB, MEDIANS, mapping, gene_set=ids)
-    assert plan.col_token.tolist() == [-1, 3, 4]
+    assert plan.col_token.tolist() == [-1, 3, 4, -1]
     assert plan.n_recognised == 3 and plan.n_used == 2
-    share = counts_share(plan, np.array([0, 1, 2, 0]), np.array([5.0, 1.0, 2.0, 2.0]))
-    assert share == pytest.approx(0.3)
+    share = counts_share(plan, np.array([0, 1, 2, 3]), np.array([2.0, 1.0, 2.0, 5.0]))
+    assert share == pytest.approx(0.5)  # recognised genes count even outside the set
 
 
 def test_gene_set_csv_column_detection(tmp_path):

@@ -30,6 +30,8 @@ def normalise_id(label: str) -> str | None:
 
     `_PAR_Y` copies keep their suffix so they never merge with the X-chromosome gene.
     """
+    if label[:3].upper() != "ENS" and label.lstrip()[:3].upper() != "ENS":
+        return None  # fast path: symbols are the common case in mapping tables
     m = _ENSEMBL.match(label.strip())
     if not m:
         return None
@@ -47,9 +49,13 @@ class GeneMapping:
     to_id: dict[str, str] = field(default_factory=dict)
     symbols: dict[str, str] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
+    _targets: dict[str, str] = field(default_factory=dict, repr=False)  # values repeat: normalise once
 
     def add(self, key: str, gene_id: str, symbol_ok: bool) -> None:
-        target = normalise_id(gene_id)
+        target = self._targets.get(gene_id)
+        if target is None:
+            target = self._targets.setdefault(gene_id, normalise_id(gene_id) or "")
+        target = target or None
         if target is None or not key:
             return
         k = key.strip()
@@ -197,6 +203,7 @@ class ColumnPlan:
     n_used: int  # columns with a token after the gene-set restriction
     n_merged: int  # columns that share their ID with an earlier column (summed by the core)
     symbols: dict[str, str]  # resolved ID -> symbol seen in the input
+    recognised: np.ndarray  # bool [n_cols]: in the vocabulary with a median (gene set ignored)
 
     @property
     def share_recognised(self) -> float:
@@ -245,6 +252,7 @@ def build_plan(
     col_median = np.ones(n, dtype=np.float64)
     gene_ids: list[str | None] = [None] * n
     seen: set[str] = set()
+    is_recognised = np.zeros(n, dtype=bool)
     recognised = used = merged = 0
     symbols: dict[str, str] = {}
     for i, label in enumerate(labels):
@@ -264,6 +272,7 @@ def build_plan(
         if token is None or median is None:
             continue
         recognised += 1
+        is_recognised[i] = True
         if gid in seen:
             merged += 1
         seen.add(gid)
@@ -272,7 +281,7 @@ def build_plan(
         used += 1
         col_token[i] = token
         col_median[i] = median
-    return ColumnPlan(col_token, col_median, gene_ids, n, recognised, used, merged, symbols)
+    return ColumnPlan(col_token, col_median, gene_ids, n, recognised, used, merged, symbols, is_recognised)
 
 
 def resolve_gene_set(labels: Sequence[str], mapping: GeneMapping | None, vocabulary: Mapping[str, int]) -> tuple[set[str], int]:
@@ -299,9 +308,8 @@ def symbols_for(vocabulary: Mapping[str, int], *sources: Mapping[str, str]) -> d
 
 
 def counts_share(plan: ColumnPlan, indices: np.ndarray, data: np.ndarray) -> float | None:
-    """Share of counts (in one CSR chunk) that fall on recognised, used columns."""
+    """Share of counts (in one CSR chunk) that fall on recognised columns (gene set ignored)."""
     total = float(np.sum(data, dtype=np.float64))
     if total <= 0:
         return None
-    used = plan.col_token[indices] >= 0
-    return float(np.sum(data[used], dtype=np.float64)) / total
+    return float(np.sum(data[plan.recognised[indices]], dtype=np.float64)) / total

@@ -66,6 +66,7 @@ class TokenizeSettings:
     orientation: str = "auto"
     allow_float: bool = False
     keep_obs: list[str] = field(default_factory=list)
+    cell_id_column: str | None = None  # obs column naming the cells (default: the obs index)
     part_cells: int = 65_536
     genes_file: str | None = None
     genes_column: str | None = None
@@ -285,9 +286,11 @@ def tokenize_files(
         for path in paths:
             reader = open_input(path, settings.layer, settings.orientation, _gene_predicate(dicts))
             plans.append(InputPlan(path, reader, plan_for(reader, dicts, settings.gene_id_column), *obs_flags(reader)))
-            missing = [c for c in settings.keep_obs if c not in reader.obs_columns()]
+            wanted = list(settings.keep_obs) + ([settings.cell_id_column] if settings.cell_id_column else [])
+            missing = [c for c in wanted if c not in reader.obs_columns()]
             if missing:
                 raise UserError(reader._missing_obs(missing[0]))
+        meta_schema = _meta_schema(plans, settings.keep_obs)
         vocab_sha = content_sha256(dicts.vocabulary)
         medians_used = {g: dicts.medians[g] for g in dicts.vocabulary if g in dicts.medians}
         medians_sha = content_sha256(medians_used)
@@ -309,7 +312,7 @@ def tokenize_files(
         return _tokenize_into(
             out, plans, dicts, settings, run_record, chunk_cells, max_genes, prefix, suffix, specials,
             tdtype, medians_used, vocab_sha, medians_sha, warnings_list, quiet, __version__, ShardWriter,
-            fail_after_rows,
+            fail_after_rows, meta_schema,
         )
     finally:
         for p in plans:
@@ -383,7 +386,7 @@ def _completed_parts(out: Path) -> dict[int, dict]:
 
 def _tokenize_into(out, plans, dicts, settings, run_record, chunk_cells, max_genes, prefix, suffix,
                    specials, tdtype, medians_used, vocab_sha, medians_sha, warnings_list, quiet,
-                   version, ShardWriter, fail_after_rows):
+                   version, ShardWriter, fail_after_rows, meta_schema):
     from cellrank_fm.progress import progress_bar
 
     done = _completed_parts(out)
@@ -393,7 +396,6 @@ def _tokenize_into(out, plans, dicts, settings, run_record, chunk_cells, max_gen
             stale.unlink()  # written but never recorded: redo it
     for stale in out.glob(".part-*"):
         stale.unlink()
-    meta_schema = _meta_schema(plans, settings.keep_obs)
     writer = ShardWriter(str(out), tdtype, meta_schema)
     part_records: dict[int, dict] = dict(done)
     input_stats = []
@@ -410,7 +412,8 @@ def _tokenize_into(out, plans, dicts, settings, run_record, chunk_cells, max_gen
                 reader, plan = ip.reader, ip.plan
                 source = ip.path.name
                 obs_cols = list(dict.fromkeys(
-                    list(settings.keep_obs) + ["n_counts"] * ip.has_n_counts + ["filter_pass"] * ip.has_filter))
+                    list(settings.keep_obs) + ["n_counts"] * ip.has_n_counts + ["filter_pass"] * ip.has_filter
+                    + ([settings.cell_id_column] if settings.cell_id_column else [])))
                 stats = {"path": str(ip.path), "rows": reader.n_rows, "kept": 0, "filtered_out": 0, "empty": 0}
                 share_counts = None
                 symbols.update({k: v for k, v in plan.symbols.items() if k not in symbols})
@@ -431,6 +434,8 @@ def _tokenize_into(out, plans, dicts, settings, run_record, chunk_cells, max_gen
                     for start in range(part_start, part_stop, step):
                         stop = min(part_stop, start + step)
                         chunk = reader.read(start, stop, obs_cols)
+                        if settings.cell_id_column:
+                            chunk.cell_ids = [str(v) for v in chunk.obs[settings.cell_id_column]]
                         if share_counts is None:
                             share_counts = counts_share(plan, chunk.indices, chunk.data)
                         n_counts, keep = chunk_counts(chunk, reader, ip.has_n_counts, ip.has_filter)
@@ -528,7 +533,9 @@ def _report_genes(ip: InputPlan, plan: ColumnPlan, share_counts, warnings_list, 
     counts_txt = "" if share_counts is None else f", {share_counts:.1%} of counts"
     _say(f"{ip.path.name}: {plan.n_recognised:,} of {plan.n_columns:,} genes recognised "
          f"({plan.share_recognised:.1%}{counts_txt}); {plan.n_merged:,} duplicate columns summed", quiet)
-    if plan.share_recognised < 0.5 or (share_counts is not None and share_counts < 0.5):
+    # Whole-genome annotations hold many genes no vocabulary has (lncRNAs, pseudogenes), so the
+    # share of counts decides when it is known; the share of genes otherwise.
+    if (share_counts if share_counts is not None else plan.share_recognised) < 0.5:
         _warn(f"{ip.path.name}: under half of the genes or counts are in the vocabulary "
               f"({plan.share_recognised:.1%} of genes{counts_txt}); check --gene-id-column and --gene-map",
               warnings_list, quiet)
@@ -539,7 +546,7 @@ def _meta_schema(plans: list[InputPlan], keep_obs: Sequence[str]) -> list[tuple[
     for name in keep_obs:
         reserved = {"input_ids", "length", "cell_id", "source"}
         if name in reserved:
-            raise UserError(f"--keep-obs column {name!r} clashes with a shard column; rename it first")
+            raise UserError(f"--keep-obs column {name!r} clashes with a shard column; use --cell-id-column for cell names, or rename it")
         sample = plans[0].reader.read(0, min(1, plans[0].reader.n_rows), [name]).obs[name]
         arr = np.asarray(sample)
         if arr.dtype.kind == "b":
@@ -559,7 +566,7 @@ def _meta_values(chunk: Chunk, keep_obs, schema, rows: np.ndarray) -> dict:
     for name, kind in schema:
         values = chunk.obs[name]
         if kind == "str":
-            meta[name] = ["" if values[i] is None else str(values[i]) for i in rows]
+            meta[name] = [None if values[i] is None else str(values[i]) for i in rows]
         else:
             dtype = {"bool": np.bool_, "i64": np.int64, "f64": np.float64}[kind]
             meta[name] = np.asarray(values)[rows].astype(dtype)
