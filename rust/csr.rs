@@ -161,16 +161,17 @@ pub struct Entry {
 pub struct RowScan {
     pub entries: Vec<Entry>,
     // For summing same-id columns: `stamp[id] == cur` means `id` was seen in this row, at
-    // `slot[id]` in `entries`. Allocated only when the column map has duplicates.
+    // `slot[id]` in `entries`. Allocated on first need: when the column map has duplicates,
+    // or a row repeats a column index (non-canonical CSR).
     stamp: Vec<u32>,
     slot: Vec<u32>,
     cur: u32,
+    id_bound: usize,
 }
 
 impl RowScan {
     pub fn new(map: &ColumnMap) -> Self {
-        let n = if map.has_duplicates { map.id_bound } else { 0 };
-        RowScan { entries: Vec::new(), stamp: vec![0; n], slot: vec![0; n], cur: 0 }
+        RowScan { entries: Vec::new(), stamp: Vec::new(), slot: Vec::new(), cur: 0, id_bound: map.id_bound }
     }
 
     /// Validates one row (chunk row `row`), gathers its mapped nonzero entries into
@@ -185,10 +186,35 @@ impl RowScan {
         map: &ColumnMap,
         nonint: &mut u64,
     ) -> Result<f64, CoreError> {
+        if map.has_duplicates {
+            return self.scan_impl::<true, I, V>(row, idx, dat, map, nonint).map(|(s, _)| s);
+        }
+        let (sum, increasing) = self.scan_impl::<false, I, V>(row, idx, dat, map, nonint)?;
+        if increasing {
+            return Ok(sum);
+        }
+        // Column indices out of order may repeat a column: gather again, summing.
+        self.scan_impl::<true, I, V>(row, idx, dat, map, &mut 0).map(|(s, _)| s)
+    }
+
+    /// Returns the row sum and whether the column indices were strictly increasing.
+    #[inline(always)]
+    fn scan_impl<const DEDUP: bool, I: Index, V: Count>(
+        &mut self,
+        row: usize,
+        idx: &[I],
+        dat: &[V],
+        map: &ColumnMap,
+        nonint: &mut u64,
+    ) -> Result<(f64, bool), CoreError> {
         self.entries.clear();
         let n_cols = map.ids.len() as u64;
-        let dedup = map.has_duplicates;
-        if dedup {
+        if DEDUP {
+            if self.stamp.len() < self.id_bound {
+                self.stamp = vec![0; self.id_bound];
+                self.slot = vec![0; self.id_bound];
+                self.cur = 0;
+            }
             if self.cur == u32::MAX {
                 self.stamp.iter_mut().for_each(|s| *s = 0);
                 self.cur = 0;
@@ -196,6 +222,8 @@ impl RowScan {
             self.cur += 1;
         }
         let mut sum = 0.0f64;
+        let mut prev = -1i64;
+        let mut increasing = true;
         for (&c, &x) in idx.iter().zip(dat) {
             let c = c.to_i64();
             if c < 0 || c as u64 >= n_cols {
@@ -203,6 +231,8 @@ impl RowScan {
                     "row {row} has column index {c} but there are only {n_cols} columns"
                 )));
             }
+            increasing &= c > prev;
+            prev = c;
             let xf = x.to_f64();
             if !V::INTEGRAL {
                 // `!(xf >= 0)` also catches NaN.
@@ -221,7 +251,7 @@ impl RowScan {
                 continue;
             }
             let id = id as u32;
-            if dedup {
+            if DEDUP {
                 let i = id as usize;
                 if self.stamp[i] == self.cur {
                     self.entries[self.slot[i] as usize].x += xf;
@@ -232,7 +262,7 @@ impl RowScan {
             }
             self.entries.push(Entry { id, x: xf, col: c as u32 });
         }
-        Ok(sum)
+        Ok((sum, increasing))
     }
 }
 
@@ -277,5 +307,19 @@ mod tests {
         assert_eq!(err.to_string(), "row 2 column 3 has a negative or NaN value (-4)");
         let err = s.scan(2, &[4i64], &[1i32], &map, &mut nonint).unwrap_err();
         assert!(err.to_string().contains("column index 4"));
+    }
+
+    #[test]
+    fn repeated_column_indices_are_summed() {
+        let ids = [0, 1, 2];
+        let map = ColumnMap::new(&ids);
+        assert!(!map.has_duplicates);
+        let mut s = RowScan::new(&map);
+        let mut nonint = 0;
+        let sum = s.scan(0, &[2i32, 0, 2], &[1.5f64, 1.0, 2.0], &map, &mut nonint).unwrap();
+        assert_eq!(sum, 4.5);
+        assert_eq!(nonint, 1); // counted once, not again by the summing pass
+        let got: Vec<(u32, f64)> = s.entries.iter().map(|e| (e.id, e.x)).collect();
+        assert_eq!(got, vec![(2, 3.5), (0, 1.0)]);
     }
 }
