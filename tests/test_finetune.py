@@ -1,0 +1,122 @@
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cellrank_fm.checkpoint import read_weights, save_model_dir
+from cellrank_fm.cli import main as _main
+from cellrank_fm.model import BertForMaskedLM, preset_config
+from cellrank_fm.simulate import planted, simulate_corpus
+from cellrank_fm.splits import make_split
+from cellrank_fm.vocab import save_json_mapping
+
+
+def main(args):
+    """The CLI in-process; raises SystemExit only on failure."""
+    try:
+        _main(args)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+
+
+def _exit_code(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _main(args)
+    return exc.value.code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Simulated cells (small libraries, so cells differ in which genes they express), tokenized."""
+    tmp = tmp_path_factory.mktemp("ft")
+    adata, vocab, medians = simulate_corpus(n_cells=300, n_genes=300, library_size=400, n_donors=6, seed=2)
+    h5ad = tmp / "cells.h5ad"
+    adata.write_h5ad(h5ad)
+    save_json_mapping(vocab, tmp / "vocab.json")
+    save_json_mapping(medians, tmp / "medians.json")
+    main(["tokenize", str(h5ad), "--out", str(tmp / "shards"), "--vocab", str(tmp / "vocab.json"),
+          "--medians", str(tmp / "medians.json"), "--keep-obs", "cell_state,donor", "-q"])
+    return tmp, h5ad, adata, vocab, medians
+
+
+def test_finetune_learns_and_predict_agrees(corpus, capsys):
+    tmp, h5ad, adata, vocab, medians = corpus
+    out = tmp / "clf"
+    main(["finetune", str(tmp / "shards"), "--label", "cell_state", "--preset", "tiny", "--out", str(out),
+          "--epochs", "8", "--lr", "3e-3", "--tokens-per-batch", "4096", "--patience", "0", "--baseline",
+          "--seed", "1", "-q"])
+    printed = capsys.readouterr().out
+    assert "macro-F1" in printed and "baseline" in printed
+    m = json.loads((out / "metrics.json").read_text())
+    assert json.loads((out / "labels.json").read_text()) == ["alpha", "beta", "gamma"]
+    assert m["cells"] == 30 and np.array(m["confusion_matrix"]).sum() == 30
+    assert m["macro_f1"] > 0.45  # chance is about 0.33; the baseline sees the planted markers directly
+    assert m["baseline"]["macro_f1"] > 0.9
+    for f in ("config.json", "model.safetensors", "vocabulary.json", "medians.json", "confusion_matrix.png",
+              "split.csv", "validation_curve.png"):
+        assert (out / f).is_file(), f
+    # The split is the shared one: same cells as make_split on the same ids, labels and seed.
+    split_csv = pd.read_csv(out / "split.csv")
+    s = make_split(list(split_csv["cell_id"]), list(split_csv["label"]), seed=1)
+    assert list(split_csv["split"]) == list(s.assignment())
+    # Predicting the test cells from the raw h5ad gives the figures finetune reported.
+    pred = tmp / "pred.h5ad"
+    main(["predict", str(out), str(h5ad), "--out", str(pred), "-q"])
+    res = ad.read_h5ad(pred).obs.loc[split_csv.loc[split_csv["split"] == "test", "cell_id"]]
+    acc = float((res["cellrank_label"].astype(str) == res["cell_state"].astype(str)).mean())
+    assert acc == pytest.approx(m["accuracy"], abs=1e-9)
+
+
+def test_missing_label_column_names_the_kept_columns(corpus, capsys):
+    tmp = corpus[0]
+    code, err = _exit_code(["finetune", str(tmp / "shards"), "--label", "condition", "--preset", "tiny",
+                            "--out", str(tmp / "nope")], capsys)
+    assert code == 2
+    assert "'condition'" in err and "cell_state, donor" in err and "--keep-obs" in err
+    assert not (tmp / "nope").exists()
+
+
+def test_freeze_early_stop_and_group_split(corpus, tmp_path):
+    tmp, h5ad, adata, vocab, medians = corpus
+    torch.manual_seed(0)
+    pre = tmp_path / "pre"
+    save_model_dir(BertForMaskedLM(preset_config("tiny", vocab_size=len(vocab))), pre, vocab, medians)
+    out = tmp_path / "clf"
+    # A learning rate too small to change anything: validation macro-F1 never improves after the
+    # first evaluation, so with patience 1 training stops at the second.
+    main(["finetune", str(tmp / "shards"), "--label", "cell_state", "--from", str(pre), "--out", str(out),
+          "--freeze-layers", "1", "--epochs", "5", "--lr", "1e-9", "--patience", "1", "--evals-per-epoch", "1",
+          "--tokens-per-batch", "4096", "--split-by", "donor", "-q"])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["stopped_early"] and len(m["validation_history"]) == 2 and m["steps"] < 5 * m["steps_per_epoch"]
+    before, after = read_weights(pre), read_weights(out)
+    for k in ("bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.attention.self.query.weight"):
+        assert torch.equal(before[k], after[k]), k
+    k = "bert.encoder.layer.1.attention.self.query.weight"
+    assert not torch.equal(before[k], after[k])
+    split = pd.read_csv(out / "split.csv").merge(
+        adata.obs[["donor"]].astype(str), left_on="cell_id", right_index=True)
+    assert split.groupby("donor")["split"].nunique().max() == 1
+    assert set(split["split"]) == {"train", "validation", "test"}
+
+
+def test_gene_classification_cross_validates_over_genes(corpus, tmp_path):
+    tmp, h5ad, adata, vocab, medians = corpus
+    truth = planted(adata)
+    markers = [g for genes in truth["markers"].values() for g in genes]
+    others = [g for g in adata.var_names if g not in set(markers) | set(truth["drivers"])][:60]
+    csv = tmp_path / "labels.csv"
+    pd.DataFrame({"background": others[:60], "marker": (markers + [""] * 60)[:60]}).replace("", np.nan).to_csv(
+        csv, index=False)
+    out = tmp_path / "genes"
+    main(["finetune", str(tmp / "shards"), "--task", "genes", "--gene-labels", str(csv), "--preset", "tiny",
+          "--folds", "3", "--epochs", "2", "--lr", "3e-3", "--tokens-per-batch", "4096", "--out", str(out), "-q"])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["classes"] == ["background", "marker"] and m["genes"] == 120
+    assert [f["test_genes"] for f in m["folds"]] == [40, 40, 40]
+    assert all(0.0 <= f["roc_auc"] <= 1.0 for f in m["folds"])
+    assert (out / "roc.png").is_file()
