@@ -431,9 +431,8 @@ def _tokenize_into(out, plans, dicts, settings, run_record, chunk_cells, max_gen
                            "filtered_out": 0, "empty": 0, "written": 0}
                     opened = False
                     step = min(chunk_cells, reader.max_rows_per_read or chunk_cells)
-                    for start in range(part_start, part_stop, step):
-                        stop = min(part_stop, start + step)
-                        chunk = reader.read(start, stop, obs_cols)
+                    ranges = [(a, min(part_stop, a + step)) for a in range(part_start, part_stop, step)]
+                    for (start, stop), chunk in zip(ranges, _prefetched(reader, ranges, obs_cols)):
                         if settings.cell_id_column:
                             chunk.cell_ids = [str(v) for v in chunk.obs[settings.cell_id_column]]
                         if share_counts is None:
@@ -527,6 +526,18 @@ def _tokenize_into(out, plans, dicts, settings, run_record, chunk_cells, max_gen
     _say(f"wrote {totals['kept']:,} cells to {out} ({len(manifest['parts'])} parts; "
          f"{totals['filtered_out']:,} filtered out, {totals['empty']:,} without a vocabulary gene)", quiet)
     return manifest
+
+
+def _prefetched(reader: MatrixReader, ranges: list[tuple[int, int]], obs: list[str]):
+    """Chunks of `ranges`, each read on a worker thread while the previous one is processed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(reader.read, *ranges[0], obs) if ranges else None
+        for i in range(len(ranges)):
+            chunk = pending.result()
+            pending = pool.submit(reader.read, *ranges[i + 1], obs) if i + 1 < len(ranges) else None
+            yield chunk
 
 
 def _report_genes(ip: InputPlan, plan: ColumnPlan, share_counts, warnings_list, quiet) -> None:

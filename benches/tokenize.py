@@ -1,0 +1,135 @@
+"""Tokenizer throughput and peak memory: `cellrank tokenize` end to end, and a NumPy/SciPy peer.
+
+    python benches/make_corpus.py --cells 20000 --out /tmp/bench20k/corpus.h5ad
+    python benches/tokenize.py --corpus /tmp/bench20k/corpus.h5ad --peer
+    python benches/tokenize.py --corpus /tmp/bench200k/corpus.h5ad --corpus /tmp/bench1m/corpus.h5ad
+
+Each run is a separate process; its wall time covers reading the h5ad, tokenizing and writing
+the Parquet shards, and its peak resident memory comes from `os.wait4` (the child's own
+ru_maxrss). The peer does what Geneformer's `TranscriptomeTokenizer` does, in the same
+process layout: load the whole h5ad with anndata, then per chunk of 512 cells select the
+vocabulary columns, normalise with scipy sparse arithmetic, argsort every cell in Python,
+keep the top 2,048 as Python lists, and write them to Parquet with pyarrow. `agree` is the
+share of cells whose tokens the two produce identically (near ties may swap).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This file is named like the standard library's `tokenize`; keep its folder off the import path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+MAX_GENES = 2048
+
+
+def peer(corpus: str, out: str, vocab_path: str, medians_path: str) -> None:
+    """Geneformer's algorithm with NumPy/SciPy (run in a child process)."""
+    import anndata as ad
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import scipy.sparse as sp
+
+    vocab = json.loads(Path(vocab_path).read_text())
+    medians = json.loads(Path(medians_path).read_text())
+    adata = ad.read_h5ad(corpus)
+    genes = np.asarray(adata.var_names)
+    loc = np.where([g in vocab and g in medians for g in genes])[0]
+    norm = np.array([medians[g] for g in genes[loc]])
+    tokens = np.array([vocab[g] for g in genes[loc]])
+    n_counts = np.asarray(adata.X.sum(axis=1)).ravel()[:, None]
+    cells: list[list[int]] = []
+    for i in range(0, adata.n_obs, 512):
+        idx = np.arange(i, min(adata.n_obs, i + 512))
+        X_view = adata[idx, :].X[:, loc]
+        X_norm = sp.csr_matrix(X_view / n_counts[idx] * 10_000 / norm)
+        for r in range(X_norm.shape[0]):
+            row = X_norm[r]
+            order = np.argsort(-row.data)
+            cells.append(tokens[row.indices][order][:MAX_GENES].tolist())
+    table = pa.table({"input_ids": cells, "length": [len(c) for c in cells]})
+    pq.write_table(table, out, compression="zstd")
+
+
+def _run(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and the child's peak RSS in MB."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"command failed: {' '.join(cmd)}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def _cells(corpus: Path) -> int:
+    import h5py
+
+    with h5py.File(corpus) as f:
+        return int(f["X"].attrs["shape"][0])
+
+
+def _agreement(shard_dir: Path, peer_file: Path) -> float:
+    import polars as pl
+
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    ours = pl.concat([pl.read_parquet(shard_dir / p["file"]) for p in manifest["parts"]])["input_ids"].to_list()
+    theirs = pl.read_parquet(peer_file)["input_ids"].to_list()
+    same = sum(1 for a, b in zip(ours, theirs) if a == b)
+    return same / max(1, len(theirs))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="cellrank tokenize throughput and memory")
+    ap.add_argument("--corpus", type=Path, action="append", required=True, help="h5ad from make_corpus.py (repeatable)")
+    ap.add_argument("--peer", action="store_true", help="also run the NumPy/SciPy peer on each corpus")
+    ap.add_argument("--workdir", type=Path, default=None, help="where shards go (default: a temp dir)")
+    ap.add_argument("--_peer", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._peer:
+        peer(*args._peer)
+        return
+    rows = []
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="cellrank-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    for corpus in args.corpus:
+        vocab, medians = corpus.parent / "vocab.json", corpus.parent / "medians.json"
+        cells = _cells(corpus)
+        out = work / f"shards-{corpus.parent.name}"
+        cmd = [sys.executable, "-c", "from cellrank_fm.cli import main; main()", "tokenize", str(corpus),
+               "--out", str(out), "--vocab", str(vocab), "--medians", str(medians), "--model-version", "v1",
+               "--quiet", "--overwrite"]
+        secs, rss = _run(cmd)
+        row = {"input": f"{corpus.name} ({cells:,} cells)", "cellrank_cells_s": cells / secs, "cellrank_s": secs,
+               "cellrank_rss_mb": rss}
+        if args.peer:
+            peer_out = work / f"peer-{corpus.parent.name}.parquet"
+            psecs, prss = _run([sys.executable, __file__, "--corpus", str(corpus),
+                                "--_peer", str(corpus), str(peer_out), str(vocab), str(medians)])
+            row.update({"peer_cells_s": cells / psecs, "peer_s": psecs, "peer_rss_mb": prss,
+                        "ratio": psecs / secs, "agree": _agreement(out, peer_out)})
+        rows.append(row)
+    print()
+    print(f"cellrank tokenize vs NumPy/SciPy peer (Geneformer's algorithm); {os.cpu_count()} CPUs; model input 2,048")
+    head = f"{'input':<34} {'cellrank cells/s':>16} {'peak RSS MB':>12}"
+    if args.peer:
+        head += f" {'peer cells/s':>13} {'peer RSS MB':>12} {'speed-up':>9} {'identical':>10}"
+    print(head)
+    for r in rows:
+        line = f"{r['input']:<34} {r['cellrank_cells_s']:>16,.0f} {r['cellrank_rss_mb']:>12,.0f}"
+        if args.peer:
+            line += f" {r['peer_cells_s']:>13,.0f} {r['peer_rss_mb']:>12,.0f} {r['ratio']:>8.1f}x {r['agree']:>9.1%}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
