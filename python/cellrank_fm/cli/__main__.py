@@ -1,0 +1,3 @@
+from cellrank_fm.cli import main
+
+main()
