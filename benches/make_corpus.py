@@ -65,19 +65,24 @@ def _block(seed: int, block: int, rows: int, genes_per_cell: int, gene_p: np.nda
     return counts, cols, rng.geometric(gene_p[cols]).astype(np.uint16)
 
 
-def make_corpus(out: Path, cells: int, genes_per_cell: int = 2000, seed: int = 0) -> dict:
-    """Two passes over the same seeded blocks: count nonzeros, then write contiguous datasets
-    (what anndata itself writes for uncompressed X), so readers can use plain file reads."""
+def make_corpus(out: Path, cells: int, genes_per_cell: int = 2000, seed: int = 0, distinct_blocks: int = 20) -> dict:
+    """Write `cells` cells in blocks of 10,000; block b repeats distinct block b % distinct_blocks.
+
+    Repeating a pool of distinct blocks keeps generation cheap (the cost is writing the bytes);
+    the tokenizer still reads every byte from its own place in the file. Two passes: count
+    nonzeros, then write contiguous datasets (what anndata itself writes for uncompressed X),
+    so readers can use plain file reads.
+    """
     rng = np.random.default_rng(seed)
     # Per-gene success probability of the count distribution: smaller = higher counts.
     gene_p = np.clip(rng.beta(2.0, 1.2, size=N_GENES), 0.05, 0.98)
     tmp = out.with_name(out.name + ".partial")
     t0 = time.perf_counter()
     blocks = [(b, min(BLOCK_CELLS, cells - start)) for b, start in enumerate(range(0, cells, BLOCK_CELLS))]
+    pool = {p: _block(seed, p, BLOCK_CELLS, genes_per_cell, gene_p, values=False)[0] for p in range(min(distinct_blocks, len(blocks)))}
     indptr = np.zeros(cells + 1, dtype=np.int64)
     for b, rows in blocks:
-        counts, _, _ = _block(seed, b, rows, genes_per_cell, gene_p, values=False)
-        indptr[b * BLOCK_CELLS + 1 : b * BLOCK_CELLS + rows + 1] = counts
+        indptr[b * BLOCK_CELLS + 1 : b * BLOCK_CELLS + rows + 1] = pool[b % len(pool)][:rows]
     np.cumsum(indptr, out=indptr)
     nnz_total = int(indptr[-1])
     with h5py.File(tmp, "w") as f:
@@ -90,14 +95,17 @@ def make_corpus(out: Path, cells: int, genes_per_cell: int = 2000, seed: int = 0
         data = x.create_dataset("data", shape=(nnz_total,), dtype=np.uint16)
         indices = x.create_dataset("indices", shape=(nnz_total,), dtype=np.int32)
         x.create_dataset("indptr", data=indptr)
-        for b, rows in blocks:
-            _, cols, vals = _block(seed, b, rows, genes_per_cell, gene_p, values=True)
-            a, z = int(indptr[b * BLOCK_CELLS]), int(indptr[b * BLOCK_CELLS + rows])
-            data[a:z] = vals
-            indices[a:z] = cols
-            if b % 10 == 0:
-                done = b * BLOCK_CELLS + rows
-                print(f"  {done:,} cells ({done / (time.perf_counter() - t0):,.0f} cells/s)", flush=True)
+        done = 0
+        for p in pool:
+            counts, cols, vals = _block(seed, p, BLOCK_CELLS, genes_per_cell, gene_p, values=True)
+            ends = np.cumsum(counts)
+            for b, rows in blocks[p :: len(pool)]:
+                a = int(indptr[b * BLOCK_CELLS])
+                n = int(ends[rows - 1])
+                data[a : a + n] = vals[:n]
+                indices[a : a + n] = cols[:n]
+                done += rows
+            print(f"  {done:,} cells ({done / (time.perf_counter() - t0):,.0f} cells/s)", flush=True)
         _frame(f.create_group("obs"), [f"cell{i}" for i in range(cells)])
         _frame(f.create_group("var"), gene_ids(N_GENES))
         for name in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
@@ -119,10 +127,11 @@ def main() -> None:
     ap.add_argument("--cells", type=int, default=1_000_000)
     ap.add_argument("--genes-per-cell", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--distinct-blocks", type=int, default=20, help="distinct blocks of 10,000 cells, repeated")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    info = make_corpus(args.out, args.cells, args.genes_per_cell, args.seed)
+    info = make_corpus(args.out, args.cells, args.genes_per_cell, args.seed, args.distinct_blocks)
     print(f"{args.out}: {info['cells']:,} cells, {info['nonzeros']:,} nonzeros "
           f"({info['nonzeros'] / info['cells']:,.0f}/cell), {info['bytes'] / 1e9:.2f} GB, {info['seconds']:.0f} s")
 
