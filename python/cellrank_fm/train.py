@@ -24,7 +24,7 @@ A task plugs into `train(model, task, cfg, out_dir)` by providing five methods:
         (fine-tuning's early stopping on validation macro-F1).
 
 The loop owns the rest: device choice, DDP under `torchrun` (each rank its own slice of the
-batches, gloo on CPU, nccl on CUDA), AdamW (fused on CUDA; no weight decay on biases and
+batches, gloo on CPU, nccl on CUDA), AdamW (fused; no weight decay on biases and
 LayerNorms), linear warmup then linear or cosine decay, gradient accumulation and clipping,
 bf16 autocast on CUDA, optional `torch.compile`, a progress bar with tokens/s and loss,
 metrics as JSON lines (`metrics.jsonl`), and checkpoints (`trainer_state.pt` beside the
@@ -126,9 +126,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
             continue
         (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=device.type == "cuda"
-    )
+    # The fused kernel exists for CUDA and CPU (on CPU it is ~10x faster than the default loop).
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
 
 
 def autocast(cfg: TrainConfig, device: torch.device):
