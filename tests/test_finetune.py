@@ -54,7 +54,7 @@ def test_finetune_learns_and_predict_agrees(corpus, capsys):
     m = json.loads((out / "metrics.json").read_text())
     assert json.loads((out / "labels.json").read_text()) == ["alpha", "beta", "gamma"]
     assert m["cells"] == 30 and np.array(m["confusion_matrix"]).sum() == 30
-    assert m["macro_f1"] > 0.45  # chance is about 0.33; the baseline sees the planted markers directly
+    assert m["macro_f1"] > 0.8  # chance is about 0.33
     assert m["baseline"]["macro_f1"] > 0.9
     for f in ("config.json", "model.safetensors", "vocabulary.json", "medians.json", "confusion_matrix.png",
               "split.csv", "validation_curve.png"):
@@ -119,4 +119,7 @@ def test_gene_classification_cross_validates_over_genes(corpus, tmp_path):
     assert m["classes"] == ["background", "marker"] and m["genes"] == 120
     assert [f["test_genes"] for f in m["folds"]] == [40, 40, 40]
     assert all(0.0 <= f["roc_auc"] <= 1.0 for f in m["folds"])
+    # Markers rise in rank where their state is active; held-out markers are told apart from
+    # background genes better than chance (0.5) even by a model trained from scratch.
+    assert m["roc_auc_mean"] > 0.55
     assert (out / "roc.png").is_file()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import scipy.sparse as sp
@@ -36,6 +36,12 @@ class CellTable:
     rows: np.ndarray  # int64 [cells, 2]
     layer: str | None = None
     from_shards: bool = False
+    # Gene name per input column (None = not used), given the reader; default: var_names. For
+    # shards: the resolved IDs of exactly the genes the tokenizer used (vocabulary, gene set).
+    column_names: Callable | None = None
+
+    def names_for(self, reader) -> list[str | None]:
+        return self.column_names(reader) if self.column_names else list(reader.var_names)
 
 
 def _open(path: Path, layer: str | None = None):
@@ -109,7 +115,28 @@ def table_from_shards(shard_dir: str | Path) -> CellTable:
                 )
             used[cid] = j + 1
             rows[i] = (k, hits[j])
-    return CellTable(cell_ids, columns, files, rows, layer, from_shards=True)
+    return CellTable(cell_ids, columns, files, rows, layer, from_shards=True,
+                     column_names=_tokenizer_genes(shards))
+
+
+def _tokenizer_genes(shards) -> Callable:
+    """Per-column gene IDs as the tokenizer resolved them (None for columns it did not use)."""
+    from cellrank_fm.finetune import gene_set_ids
+    from cellrank_fm.genes import load_mapping
+    from cellrank_fm.tokenize import Dictionaries, plan_for
+
+    m = shards.manifest
+    maps = [p for p in (m.get("genes") or {}).get("gene_map", []) if Path(p).is_file()]
+    gene_set = gene_set_ids(shards)
+    dicts = Dictionaries(shards.vocabulary, shards.medians, mapping=load_mapping(maps) if maps else None,
+                         gene_set=set(gene_set) if gene_set is not None else None)
+    gene_id_column = (m.get("settings") or {}).get("gene_id_column")
+
+    def names(reader) -> list[str | None]:
+        plan = plan_for(reader, dicts, gene_id_column)
+        return [g if t >= 0 else None for g, t in zip(plan.gene_ids, plan.col_token)]
+
+    return names
 
 
 def _resolve_source(source: str, shard_dir: Path, manifest: dict) -> Path:
@@ -152,7 +179,7 @@ def iter_normalised(table: CellTable, cells: np.ndarray) -> Iterator[tuple[np.nd
         order = np.argsort(file_rows, kind="stable")
         mine, file_rows = mine[order], file_rows[order]
         with _open(path, table.layer) as reader:
-            var_names = list(reader.var_names)
+            var_names = table.names_for(reader)
             step = reader.max_rows_per_read or CHUNK_ROWS
             for start in range(0, reader.n_rows, step):
                 stop = min(start + step, reader.n_rows)
@@ -178,6 +205,8 @@ def highly_variable_genes(table: CellTable, train: np.ndarray, n_top_genes: int)
         s1 = np.asarray(x.sum(axis=0)).ravel()
         s2 = np.asarray(x.multiply(x).sum(axis=0)).ravel()
         for name, a, b in zip(var_names, s1, s2):
+            if name is None:
+                continue
             acc = sums.setdefault(name, np.zeros(2))
             acc[0] += a
             acc[1] += b
