@@ -75,3 +75,41 @@ def test_missing_label_column_exits_2(sim_h5ad, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'celltype'" in err and "cell_state" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_shards_read_back_the_tokenized_genes_and_split_alike(sim_h5ad, tmp_path, capsys):
+    import shutil
+
+    from cellrank_fm.baseline import table_from_file, table_from_shards
+    from cellrank_fm.splits import split_cells
+    from cellrank_fm.vocab import save_json_mapping
+
+    path, adata = sim_h5ad
+    _, vocab, medians = simulate_corpus(n_cells=400, n_genes=300, seed=4)
+    local = tmp_path / "cells.h5ad"
+    shutil.copy(path, local)
+    save_json_mapping(vocab, tmp_path / "v.json")
+    save_json_mapping(medians, tmp_path / "m.json")
+    gene_set = list(adata.var_names[::3])
+    (tmp_path / "set.txt").write_text("\n".join(gene_set) + "\n")
+    shards = tmp_path / "shards"
+    main(["tokenize", str(local), "--out", str(shards), "--vocab", str(tmp_path / "v.json"), "--medians",
+          str(tmp_path / "m.json"), "--genes", str(tmp_path / "set.txt"), "--keep-obs", "cell_state", "-q"])
+    t_sh, t_h5 = table_from_shards(shards), table_from_file(local)
+    # Each shard row points at its own cell in the input file.
+    names = list(adata.obs_names)
+    assert [names[r] for r in t_sh.rows[:, 1]] == t_sh.cell_ids
+    # Only the gene-set genes the tokenizer used are features.
+    hvg = highly_variable_genes(t_sh, np.arange(len(t_sh.cell_ids)), 1000)
+    assert set(hvg) <= set(gene_set) and len(hvg) > 50
+    # Same seed, same cells in each split, whichever input the cells came from.
+    kw = dict(label="cell_state", seed=5)
+    a = split_cells(t_sh.cell_ids, t_sh.columns.__getitem__, t_sh.columns, **kw)
+    b = split_cells(t_h5.cell_ids, t_h5.columns.__getitem__, t_h5.columns, **kw)
+    for name in ("train", "validation", "test"):
+        assert {t_sh.cell_ids[i] for i in a.indices(name)} == {t_h5.cell_ids[i] for i in b.indices(name)}
+    # The counts must still be there.
+    local.unlink()
+    with pytest.raises(SystemExit) as exc:
+        _main(["baseline", str(shards), "--label", "cell_state", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2 and "is gone" in capsys.readouterr().err
