@@ -223,3 +223,37 @@ def _run_cli(main, argv):
         main(argv)
     except SystemExit as exc:
         assert exc.code in (0, None), f"exit {exc.code}"
+
+
+def test_10x_h5_totals_leave_out_antibody_features(tmp_path):
+    import h5py
+
+    rng = np.random.default_rng(9)
+    n_genes, n_ab = 20, 2
+    dense = rng.poisson(1.5, size=(30, n_genes + n_ab)).astype(np.int32)
+    dense[:, n_genes:] *= 50  # antibody counts would swamp the totals
+    m = sp.csc_matrix(dense.T)
+    path = tmp_path / "raw_feature_bc_matrix.h5"
+    with h5py.File(path, "w") as f:
+        g = f.create_group("matrix")
+        g["data"], g["indices"], g["indptr"] = m.data, m.indices, m.indptr
+        g["shape"] = np.array([n_genes + n_ab, 30])
+        g["barcodes"] = np.array([f"AAAC-{i}" for i in range(30)], dtype="S")
+        g["features/id"] = np.array(GENES[:n_genes] + ["CD3_TotalSeqB", "CD4_TotalSeqB"], dtype="S")
+        g["features/name"] = np.array([f"G{i}" for i in range(n_genes)] + ["CD3", "CD4"], dtype="S")
+        g["features/feature_type"] = np.array(["Gene Expression"] * n_genes + ["Antibody Capture"] * n_ab, dtype="S")
+    medians = _medians()
+    res = tokenize_in_memory(path, VOCAB, medians)
+    gex = dense[:, :n_genes].astype(np.float64)
+    expected = reference_tokens(gex, GENES[:n_genes], VOCAB, medians, 2048, n_counts=gex.sum(axis=1))
+    assert [t.tolist() for t in res.tokens] == [e.tolist() for e in expected]
+    assert res.cell_ids[0] == "AAAC-0"
+    # Ranks do not depend on the totals; the medians do: they must use gene-expression totals.
+    from cellrank_fm.medians import compute_medians
+
+    got = compute_medians([path], None, sketch_out=tmp_path / "s", quiet=True)
+    for j, g in enumerate(GENES[:n_genes]):
+        x = gex[:, j]
+        v = np.sort(x[x > 0] / gex.sum(axis=1)[x > 0] * 10_000)
+        lo, hi = v[(len(v) - 1) // 2], v[len(v) // 2]
+        assert lo * 0.999 <= got[g] <= hi * 1.001, g
