@@ -10,7 +10,8 @@ ru_maxrss). The peer does what Geneformer's `TranscriptomeTokenizer` does, in th
 process layout: load the whole h5ad with anndata, then per chunk of 512 cells select the
 vocabulary columns, normalise with scipy sparse arithmetic, argsort every cell in Python,
 keep the top 2,048 as Python lists, and write them to Parquet with pyarrow. `agree` is the
-share of cells whose tokens the two produce identically (near ties may swap).
+share of cells whose tokens the two produce identically (near ties may swap). CPU seconds
+(user + system) are printed too: on a shared machine they are steadier than wall time.
 """
 
 from __future__ import annotations
@@ -60,15 +61,15 @@ def peer(corpus: str, out: str, vocab_path: str, medians_path: str) -> None:
     pq.write_table(table, out, compression="zstd")
 
 
-def _run(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and the child's peak RSS in MB."""
+def _run(cmd: list[str]) -> tuple[float, float, float]:
+    """Wall seconds, the child's peak RSS in MB, and its CPU seconds (user + system)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"command failed: {' '.join(cmd)}")
-    return seconds, usage.ru_maxrss / 1024
+    return seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 def _cells(corpus: Path) -> int:
@@ -99,6 +100,7 @@ def main() -> None:
         peer(*args._peer)
         return
     rows = []
+    load_before = os.getloadavg()[0]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="cellrank-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     for corpus in args.corpus:
@@ -108,26 +110,29 @@ def main() -> None:
         cmd = [sys.executable, "-c", "from cellrank_fm.cli import main; main()", "tokenize", str(corpus),
                "--out", str(out), "--vocab", str(vocab), "--medians", str(medians), "--model-version", "v1",
                "--quiet", "--overwrite"]
-        secs, rss = _run(cmd)
-        row = {"input": f"{corpus.name} ({cells:,} cells)", "cellrank_cells_s": cells / secs, "cellrank_s": secs,
-               "cellrank_rss_mb": rss}
+        secs, rss, cpu = _run(cmd)
+        row = {"input": f"{corpus.parent.name}/{corpus.name} ({cells:,})", "cellrank_cells_s": cells / secs,
+               "cellrank_s": secs, "cellrank_rss_mb": rss, "cellrank_cpu_s": cpu}
         if args.peer:
             peer_out = work / f"peer-{corpus.parent.name}.parquet"
-            psecs, prss = _run([sys.executable, __file__, "--corpus", str(corpus),
+            psecs, prss, pcpu = _run([sys.executable, __file__, "--corpus", str(corpus),
                                 "--_peer", str(corpus), str(peer_out), str(vocab), str(medians)])
-            row.update({"peer_cells_s": cells / psecs, "peer_s": psecs, "peer_rss_mb": prss,
+            row.update({"peer_cells_s": cells / psecs, "peer_s": psecs, "peer_rss_mb": prss, "peer_cpu_s": pcpu,
                         "ratio": psecs / secs, "agree": _agreement(out, peer_out)})
         rows.append(row)
+    load = os.getloadavg()[0]
     print()
-    print(f"cellrank tokenize vs NumPy/SciPy peer (Geneformer's algorithm); {os.cpu_count()} CPUs; model input 2,048")
-    head = f"{'input':<34} {'cellrank cells/s':>16} {'peak RSS MB':>12}"
+    print(f"cellrank tokenize vs NumPy/SciPy peer (Geneformer's algorithm); {os.cpu_count()} CPUs, "
+          f"load average {load_before:.1f} before / {load:.1f} after; model input 2,048")
+    head = f"{'input (cells)':<30} {'cellrank cells/s':>16} {'CPU s':>7} {'peak RSS MB':>12}"
     if args.peer:
-        head += f" {'peer cells/s':>13} {'peer RSS MB':>12} {'speed-up':>9} {'identical':>10}"
+        head += f" {'peer cells/s':>13} {'CPU s':>7} {'peer RSS MB':>12} {'speed-up':>9} {'identical':>10}"
     print(head)
     for r in rows:
-        line = f"{r['input']:<34} {r['cellrank_cells_s']:>16,.0f} {r['cellrank_rss_mb']:>12,.0f}"
+        line = f"{r['input']:<30} {r['cellrank_cells_s']:>16,.0f} {r['cellrank_cpu_s']:>7.1f} {r['cellrank_rss_mb']:>12,.0f}"
         if args.peer:
-            line += f" {r['peer_cells_s']:>13,.0f} {r['peer_rss_mb']:>12,.0f} {r['ratio']:>8.1f}x {r['agree']:>9.1%}"
+            line += (f" {r['peer_cells_s']:>13,.0f} {r['peer_cpu_s']:>7.1f} {r['peer_rss_mb']:>12,.0f}"
+                     f" {r['ratio']:>8.1f}x {r['agree']:>9.1%}")
         print(line)
 
 

@@ -457,7 +457,7 @@ def _tokenize_into(out, plans, dicts, settings, run_record, chunk_cells, max_gen
                             if not nonempty.all():
                                 offsets = np.concatenate([offsets[:1], offsets[1:][nonempty]])
                             rows = np.flatnonzero(nonempty)
-                            cell_ids = [chunk.cell_ids[i] for i in rows]
+                            cell_ids = chunk.cell_ids if n_kept == chunk.n_rows else [chunk.cell_ids[i] for i in rows]
                             meta = _meta_values(chunk, settings.keep_obs, meta_schema, rows)
                             if not opened:
                                 writer.begin_part(part_index)
