@@ -99,13 +99,13 @@ def compute_medians(
 
 
 def _rows(chunk, keep, n_counts):
+    """The chunk restricted to the rows where `keep` is true."""
     base = chunk.indptr - chunk.indptr[0]
-    rows = np.flatnonzero(keep)
-    lengths = (base[1:] - base[:-1])[rows]
-    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=indptr[1:])
-    take = np.concatenate([np.arange(base[r], base[r + 1]) for r in rows]) if len(rows) else np.zeros(0, np.int64)
-    return indptr, chunk.indices[take], chunk.data[take], (n_counts[rows] if n_counts is not None else None)
+    lengths = base[1:] - base[:-1]
+    entries = np.repeat(keep, lengths)
+    indptr = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
+    np.cumsum(lengths[keep], out=indptr[1:])
+    return indptr, chunk.indices[entries], chunk.data[entries], (n_counts[keep] if n_counts is not None else None)
 
 
 def _check_values(data, path, start) -> None:
