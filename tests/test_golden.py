@@ -38,7 +38,7 @@ def _reference_values(shared_data, vocab, medians, mapping):
     return sp.csr_matrix(values), {cid: r for r, cid in enumerate(cell_ids)}
 
 
-def _compare(ours: dict[str, np.ndarray], golden: pl.DataFrame, values, row_of, specials) -> dict:
+def _compare(ours: dict[str, np.ndarray], golden: pl.DataFrame, values, row_of) -> dict:
     identical = near = other = 0
     swapped_positions = 0
     for cid, theirs in zip(golden["cell_id"], golden["input_ids"]):
@@ -85,7 +85,7 @@ def test_matches_geneformer_through_the_shard_pipeline(shared_data, tmp_path, ve
     vocab = load_vocabulary(gf / f"token_dictionary_{tag}.pkl")
     medians = load_medians(gf / f"gene_median_dictionary_{tag}.pkl")
     values, row_of = _reference_values(shared_data, vocab, medians, load_mapping([mapping_file]))
-    result = _compare(ours, golden, values, row_of, None)
+    result = _compare(ours, golden, values, row_of)
     print(f"{ver}: {json.dumps(result)}")
     assert result["other"] == 0, result
     assert result["identical"] + result["near_tie_swaps"] == golden.height

@@ -134,7 +134,6 @@ def load_gene_set(path: str | Path, column: str | None = None) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"gene set file {path} does not exist")
-    lower = path.name.lower()
     first = path.open("rt", errors="replace").readline()
     sep = "\t" if "\t" in first else ","
     if sep not in first and column is None:
@@ -154,7 +153,6 @@ def load_gene_set(path: str | Path, column: str | None = None) -> list[str]:
         else:
             chosen = _pick_gene_column(df, path)
         values = df.get_column(chosen).drop_nulls().to_list()
-    del lower
     out: list[str] = []
     for value in values:
         for part in str(value).split("|"):

@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -315,11 +314,9 @@ def tokenize_files(
         if done is not None:
             _say(f"{out} is already complete ({done['cells']['written']} cells)", quiet)
             return done
-        return _tokenize_into(
-            out, plans, dicts, settings, run_record, chunk_cells, max_genes, prefix, suffix, specials,
-            tdtype, medians_used, vocab_sha, medians_sha, warnings_list, quiet, __version__, ShardWriter,
-            fail_after_rows, meta_schema,
-        )
+        run = _Run(out, plans, dicts, settings, run_record, chunk_cells, max_genes, prefix, suffix, specials,
+                   tdtype, medians_used, vocab_sha, medians_sha, meta_schema, warnings_list, quiet, fail_after_rows)
+        return _tokenize_into(run, ShardWriter, __version__)
     finally:
         for p in plans:
             p.reader.close()
@@ -390,10 +387,36 @@ def _completed_parts(out: Path) -> dict[int, dict]:
     return done
 
 
-def _tokenize_into(out, plans, dicts, settings, run_record, chunk_cells, max_genes, prefix, suffix,
-                   specials, tdtype, medians_used, vocab_sha, medians_sha, warnings_list, quiet,
-                   version, ShardWriter, fail_after_rows, meta_schema):
+@dataclass
+class _Run:
+    """Everything one tokenize run has settled before it writes anything."""
+
+    out: Path
+    plans: list[InputPlan]
+    dicts: Dictionaries
+    settings: TokenizeSettings
+    run_record: dict
+    chunk_cells: int
+    max_genes: int
+    prefix: int
+    suffix: int
+    specials: dict
+    tdtype: str
+    medians_used: dict[str, float]
+    vocab_sha: str
+    medians_sha: str
+    meta_schema: list[tuple[str, str]]
+    warnings_list: list[str]
+    quiet: bool
+    fail_after_rows: int | None
+
+
+def _tokenize_into(run: _Run, ShardWriter, version: str) -> dict:
     from cellrank_fm.progress import progress_bar
+
+    out, plans, dicts, settings, quiet = run.out, run.plans, run.dicts, run.settings, run.quiet
+    chunk_cells, max_genes, prefix, suffix = run.chunk_cells, run.max_genes, run.prefix, run.suffix
+    meta_schema, warnings_list, fail_after_rows = run.meta_schema, run.warnings_list, run.fail_after_rows
 
     done = _completed_parts(out)
     for stale in out.glob("part-*.parquet"):
@@ -402,7 +425,7 @@ def _tokenize_into(out, plans, dicts, settings, run_record, chunk_cells, max_gen
             stale.unlink()  # written but never recorded: redo it
     for stale in out.glob(".part-*"):
         stale.unlink()
-    writer = ShardWriter(str(out), tdtype, meta_schema)
+    writer = ShardWriter(str(out), run.tdtype, meta_schema)
     part_records: dict[int, dict] = dict(done)
     input_stats = []
     part_index = 0
@@ -501,7 +524,7 @@ def _tokenize_into(out, plans, dicts, settings, run_record, chunk_cells, max_gen
         symbols.update({k: v for k, v in dicts.mapping.symbols.items() if k not in symbols})
     symbols = symbols_for(dicts.vocabulary, symbols)
     save_json_mapping(dicts.vocabulary, out / "vocabulary.json")
-    save_json_mapping(medians_used, out / "medians.json")
+    save_json_mapping(run.medians_used, out / "medians.json")
     save_json_mapping(symbols, out / "symbols.json")
     manifest = {
         "format": FORMAT,
@@ -509,10 +532,10 @@ def _tokenize_into(out, plans, dicts, settings, run_record, chunk_cells, max_gen
         "package_version": version,
         "model_version": settings.model_version,
         "model_input_size": settings.resolved_input_size(),
-        "special_tokens": specials,
-        "vocabulary": {"sha256": vocab_sha, "size": len(dicts.vocabulary), "source": dicts.vocabulary_source},
-        "medians": {"sha256": medians_sha, "source": dicts.medians_source, "size": len(medians_used)},
-        "token_dtype": tdtype,
+        "special_tokens": run.specials,
+        "vocabulary": {"sha256": run.vocab_sha, "size": len(dicts.vocabulary), "source": dicts.vocabulary_source},
+        "medians": {"sha256": run.medians_sha, "source": dicts.medians_source, "size": len(run.medians_used)},
+        "token_dtype": run.tdtype,
         "parts": [{"file": part_records[i]["file"], "rows": part_records[i]["written"]}
                   for i in sorted(part_records) if part_records[i]["written"] > 0],
         "inputs": fingerprints,
@@ -523,7 +546,7 @@ def _tokenize_into(out, plans, dicts, settings, run_record, chunk_cells, max_gen
         "gene_set": dicts.gene_set_info,
         "settings": {**asdict(settings), "model_input_size": settings.resolved_input_size()},
         "warnings": warnings_list,
-        "run": run_record,
+        "run": run.run_record,
     }
     with atomic_path(out / "manifest.json") as tmp:
         tmp.write_text(json.dumps(manifest, indent=1))
