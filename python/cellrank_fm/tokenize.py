@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -414,6 +415,7 @@ class _Run:
 def _tokenize_into(run: _Run, ShardWriter, version: str) -> dict:
     from cellrank_fm.progress import progress_bar
 
+    started = time.perf_counter()
     out, plans, dicts, settings, quiet = run.out, run.plans, run.dicts, run.settings, run.quiet
     chunk_cells, max_genes, prefix, suffix = run.chunk_cells, run.max_genes, run.prefix, run.suffix
     meta_schema, warnings_list, fail_after_rows = run.meta_schema, run.warnings_list, run.fail_after_rows
@@ -552,8 +554,10 @@ def _tokenize_into(run: _Run, ShardWriter, version: str) -> dict:
         tmp.write_text(json.dumps(manifest, indent=1))
     (out / PROGRESS_FILE).unlink(missing_ok=True)
     (out / RUN_FILE).unlink(missing_ok=True)
-    _say(f"wrote {totals['kept']:,} cells to {out} ({len(manifest['parts'])} parts; "
-         f"{totals['filtered_out']:,} filtered out, {totals['empty']:,} without a vocabulary gene)", quiet)
+    seconds = time.perf_counter() - started
+    _say(f"wrote {totals['kept']:,} cells to {out} in {seconds:.1f} s ({totals['rows'] / seconds:,.0f} cells/s; "
+         f"{len(manifest['parts'])} parts; {totals['filtered_out']:,} filtered out, "
+         f"{totals['empty']:,} without a vocabulary gene)", quiet)
     return manifest
 
 
