@@ -60,12 +60,15 @@ def test_planted_markers_and_drivers_are_up_where_planted(corpus):
         idx = [cols[g] for g in genes]
         inside = frac[state == name][:, idx].mean(0)
         outside = frac[state != name][:, idx].mean(0)
-        assert np.all(inside / outside > 3.0), name  # planted fold 6 (diluted by renormalisation)
+        assert np.all(inside / outside > 2.5), name  # planted folds 3.6–10 (diluted by renormalisation)
     idx = [cols[g] for g in truth["drivers"]]
     ratio = frac[disease][:, idx].mean(0) / frac[~disease][:, idx].mean(0)
-    assert np.all(ratio > 3.0)
+    assert np.all(ratio > 2.5)
     # A gene outside every program is not differentially expressed between conditions.
     background = [i for i, g in enumerate(adata.var_names) if not any(g in s for s in sets)]
+    folds = np.asarray(adata.uns["simulation"]["driver_folds"])
+    assert folds.min() >= 6 * np.exp(-0.5) - 1e-9 and folds.max() <= 6 * np.exp(0.5) + 1e-9
+    assert np.corrcoef(np.log(folds), np.log(ratio))[0, 1] > 0.5  # stronger planted fold, stronger effect
     bg_ratio = frac[disease][:, background].mean(0) / frac[~disease][:, background].mean(0)
     assert np.median(np.abs(np.log(bg_ratio))) < 0.15
 

@@ -44,28 +44,22 @@ METHODS = ("permutation", "gradient")
 # ----------------------------------------------------------------------------- model + cells
 
 
-def load_classifier(model_dir: str | Path, device: str | None = None):
-    """(model, info) of a fine-tuned cell classifier; UserError for anything else."""
-    from cellrank_fm.checkpoint import load_model_dir
+def load_classifier(model_dir: str | Path, device: str = "auto"):
+    """A fine-tuned cell classifier with what tokenizing new cells needs (`predict.LoadedModel`).
 
-    model, info = load_model_dir(model_dir, expect="any")
-    if info.architecture != "BertForSequenceClassification":
+    UserError for a model without a cell classification head or without class names.
+    """
+    from cellrank_fm.predict import load_for_inference
+
+    lm = load_for_inference(model_dir, expect="any", device=device)
+    if lm.info.architecture != "BertForSequenceClassification":
         raise UserError(
-            f"{model_dir} holds a {info.architecture}, which has no cell classification head; "
+            f"{model_dir} holds a {lm.info.architecture}, which has no cell classification head; "
             "give a model directory written by `cellrank finetune`."
         )
-    if not info.labels:
+    if not lm.info.labels:
         raise UserError(f"{model_dir} has no labels.json, so its classes have no names; re-save it with `cellrank finetune`.")
-    model.to(pick_device(device)).eval()
-    return model, info
-
-
-def pick_device(device: str | None) -> str:
-    import torch
-
-    if device:
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return lm
 
 
 @dataclass
@@ -80,8 +74,8 @@ class Cells:
         return len(self.tokens)
 
 
-def load_cells(path: str | Path, info, gene_id_column: str | None = None) -> Cells:
-    """Cells of an input file (tokenized with the model's vocabulary and medians) or a shard directory."""
+def load_cells(path: str | Path, lm) -> Cells:
+    """Cells of an input file, tokenized as the model was trained, or of a token shard directory."""
     import pandas as pd
 
     path = Path(path)
@@ -91,28 +85,23 @@ def load_cells(path: str | Path, info, gene_id_column: str | None = None) -> Cel
         from cellrank_fm.shards import ShardSet
 
         shards = ShardSet(path)
-        if info.vocabulary is not None and shards.vocabulary != info.vocabulary:
+        if shards.vocabulary != lm.vocabulary:
             raise UserError(f"{path} was tokenized with another vocabulary than the model's; tokenize it with the model's vocabulary.")
-        import pyarrow.parquet as pq
-
-        names = [n for n in pq.read_schema(shards.part_files[0]).names if n not in ("input_ids", "length")]
+        names = ["cell_id"] + list(shards.manifest.get("metadata_columns") or [])
         obs = pd.DataFrame({n: shards.column(n) for n in names})
         cell_ids = [str(c) for c in obs["cell_id"]]
         return Cells(tokens=shards.tokens(), cell_ids=cell_ids, obs=obs.set_index(pd.Index(cell_ids)))
     from cellrank_fm.tokenize import tokenize_in_memory
 
-    if info.vocabulary is None or info.medians is None:
-        raise UserError(f"{info.path} lacks vocabulary.json or medians.json, so it cannot tokenize {path}; tokenize it first and pass the shard directory.")
-    ck = info.cellrank
     res = tokenize_in_memory(
-        str(path), info.vocabulary, info.medians, model_version=ck.get("model_version", "v1"),
-        model_input_size=ck.get("model_input_size"), gene_id_column=gene_id_column,
+        str(path), lm.vocabulary, lm.medians, model_version=lm.model_version,
+        model_input_size=lm.model_input_size, gene_id_column=lm.gene_id_column, gene_set=lm.gene_set,
     )
     keep = np.flatnonzero(res.ok)
     if len(keep) == 0:
         raise UserError(f"no cell of {path} has a gene in the model's vocabulary.")
-    obs = res.obs.iloc[keep]
-    return Cells(tokens=[res.tokens[i] for i in keep], cell_ids=[str(res.cell_ids[i]) for i in keep], obs=obs)
+    return Cells(tokens=[res.tokens[i] for i in keep], cell_ids=[str(res.cell_ids[i]) for i in keep],
+                 obs=res.obs.iloc[keep])
 
 
 class Evaluator:

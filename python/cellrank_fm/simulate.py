@@ -11,8 +11,10 @@ cells should move them toward healthy cells.
 Counts model, per cell c and gene g::
 
     base_g        gene-wise mean profile (log-normal, or proportional to given medians)
-    fold_cg       marker_fold ** activity_c for the markers of c's state,
-                  driver_fold ** activity_c for drivers in disease cells, else 1
+    fold_cg       fold_g ** activity_c for the markers of c's state and for drivers in
+                  disease cells, else 1; fold_g = marker_fold (driver_fold) times a
+                  gene-specific factor exp(U(-fold_spread, fold_spread)), so planted genes
+                  differ in strength as real markers do
     donor_dg      mild log-normal donor effect per gene
     mu_cg         library_c * base_g * fold_cg * donor_dg / sum_g(...)
     x_cg          ~ NegativeBinomial(mean mu_cg, dispersion 1 / size)   (gamma-Poisson)
@@ -63,6 +65,7 @@ def simulate_corpus(
     n_donors: int = 4,
     marker_fold: float = 6.0,
     driver_fold: float = 6.0,
+    fold_spread: float = 0.5,
     library_size: float = 5000.0,
     library_sigma: float = 0.35,
     nb_size: float = 3.0,
@@ -83,7 +86,8 @@ def simulate_corpus(
       ``obs["cell_state"]`` (one of `states`), ``obs["condition"]`` (``healthy`` or
       ``disease``), ``obs["donor"]``, ``obs["n_counts"]``; ``uns["simulation"]`` with
       ``markers`` {state: [gene IDs]}, ``drivers`` [gene IDs], ``marker_symbols``,
-      ``driver_symbols`` and the settings.
+      ``driver_symbols``, the planted fold changes (``marker_folds``, ``driver_folds``) and
+      the settings.
     - ``vocabulary``: the token dictionary to tokenize with. When `vocabulary` is given the
       genes are drawn from it (seeded) and it is returned unchanged; otherwise a synthetic
       vocabulary over the simulated genes (Geneformer layout for `model_version`).
@@ -144,14 +148,19 @@ def simulate_corpus(
     library = library_size * rng.lognormal(0.0, library_sigma, size=n_cells)
     donor_effect = rng.lognormal(0.0, donor_sigma, size=(n_donors, n_genes))
 
+    gene_fold = np.ones(n_genes)
+    for idx in marker_idx.values():
+        gene_fold[idx] = marker_fold
+    gene_fold[driver_idx] = driver_fold
+    gene_fold *= np.exp(rng.uniform(-fold_spread, fold_spread, size=n_genes))
     log_fold = np.zeros((n_cells, n_genes))
     activity = np.clip(rng.normal(1.0, 0.2, size=n_cells), 0.4, 1.6)  # how strongly each cell runs its program
     for k, s in enumerate(states):
         rows = np.flatnonzero(state_of == k)
-        log_fold[np.ix_(rows, marker_idx[s])] = np.log(marker_fold) * activity[rows, None]
+        log_fold[np.ix_(rows, marker_idx[s])] = np.log(gene_fold[marker_idx[s]]) * activity[rows, None]
     rows = np.flatnonzero(disease)
     driver_activity = np.clip(rng.normal(1.0, 0.2, size=len(rows)), 0.4, 1.6)
-    log_fold[np.ix_(rows, driver_idx)] = np.log(driver_fold) * driver_activity[:, None]
+    log_fold[np.ix_(rows, driver_idx)] = np.log(gene_fold[driver_idx]) * driver_activity[:, None]
 
     profile = base[None, :] * np.exp(log_fold) * donor_effect[donor_of]
     mu = library[:, None] * profile / profile.sum(axis=1, keepdims=True)
@@ -164,11 +173,11 @@ def simulate_corpus(
         medians_out = _nonzero_medians(counts, gene_ids)
 
     return _to_anndata(
-        counts, gene_ids, gene_symbols, states, state_of, disease, donor_of, marker_idx, driver_idx,
+        counts, gene_ids, gene_symbols, states, state_of, disease, donor_of, marker_idx, driver_idx, gene_fold,
         settings=dict(
             n_cells=n_cells, n_genes=n_genes, markers_per_state=markers_per_state, n_drivers=n_drivers,
             disease_fraction=disease_fraction, n_donors=n_donors, marker_fold=marker_fold,
-            driver_fold=driver_fold, library_size=library_size, library_sigma=library_sigma,
+            driver_fold=driver_fold, fold_spread=fold_spread, library_size=library_size, library_sigma=library_sigma,
             nb_size=nb_size, gene_mean_sigma=gene_mean_sigma, donor_sigma=donor_sigma,
             model_version=model_version, seed=seed,
             vocabulary="given" if vocabulary is not None else "synthetic",
@@ -221,7 +230,7 @@ def _nonzero_medians(counts: np.ndarray, gene_ids: Sequence[str]) -> dict[str, f
 
 
 def _to_anndata(counts, gene_ids, gene_symbols, states, state_of, disease, donor_of, marker_idx,
-                driver_idx, settings):
+                driver_idx, gene_fold, settings):
     import anndata as ad
     import pandas as pd
     import scipy.sparse as sp
@@ -246,7 +255,9 @@ def _to_anndata(counts, gene_ids, gene_symbols, states, state_of, disease, donor
         PLANTED_KEY: {
             "markers": {s: ids[idx].tolist() for s, idx in marker_idx.items()},
             "marker_symbols": {s: syms[idx].tolist() for s, idx in marker_idx.items()},
+            "marker_folds": {s: gene_fold[idx].tolist() for s, idx in marker_idx.items()},
             "drivers": ids[driver_idx].tolist(),
+            "driver_folds": gene_fold[driver_idx].tolist(),
             "driver_symbols": syms[driver_idx].tolist(),
             "settings": settings,
         }

@@ -1,0 +1,78 @@
+"""In silico perturbation on simulated data: deleting the planted disease drivers heals cells."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellrank_fm.explain import Evaluator, load_cells, load_classifier
+from cellrank_fm.perturb import _perturbed, perturb, resolve_genes
+from cellrank_fm.simulate import planted
+
+from test_explain import _cli, finetuned_on_simulation
+
+
+@pytest.fixture(scope="module")
+def condition_model(tmp_path_factory):
+    h5ad, model_dir, adata, metrics = finetuned_on_simulation(tmp_path_factory.mktemp("perturb"), "condition", epochs=6.0, seed=1)
+    lm = load_classifier(model_dir, "cpu")
+    return h5ad, model_dir, adata, metrics, lm, load_cells(h5ad, lm)
+
+
+def test_perturbed_sequences():
+    genes = np.array([10, 11, 12, 13])
+    pre, suf = np.array([2]), np.array([3])
+    out = _perturbed(pre, genes, suf, [np.array([1]), np.array([0, 3])], "delete")
+    assert [s.tolist() for s in out] == [[2, 10, 12, 13, 3], [2, 11, 12, 3]]
+    out = _perturbed(pre, genes, suf, [np.array([2]), np.array([3, 1])], "overexpress")
+    assert [s.tolist() for s in out] == [[2, 12, 10, 11, 13, 3], [2, 11, 13, 10, 12, 3]]
+
+
+def test_deleting_drivers_moves_disease_cells_to_healthy_and_random_genes_do_not(condition_model):
+    h5ad, _, adata, metrics, lm, cells = condition_model
+    assert metrics["accuracy"] >= 0.9
+    truth = planted(adata)
+    ev = Evaluator(lm.model, lm.info)
+    kw = dict(state_column="condition", start_state="disease", goal_state="healthy", max_cells=40,
+              null_genes=30, seed=0, quiet=True)
+    drivers = perturb(ev, cells, genes=truth["drivers"], as_set=True, **kw).genes.iloc[0]
+    assert drivers["n_cells"] == 40 and drivers["fdr"] < 0.05
+    assert drivers["mean_shift_goal"] > 0.1 > abs(drivers["null_mean_shift_goal"])
+    planted_genes = set(truth["drivers"]).union(*map(set, truth["markers"].values()))
+    background = [g for g in adata.var_names if g not in planted_genes]
+    rng = np.random.default_rng(3)
+    random_set = rng.choice(background, size=len(truth["drivers"]), replace=False).tolist()
+    control = perturb(ev, cells, genes=random_set, as_set=True, **kw).genes.iloc[0]
+    # Random genes do not move cells toward healthy: no shift, and not above the null (whose
+    # random sets, in this 200-gene world, often contain a driver).
+    assert abs(control["mean_shift_goal"]) < 0.01
+    assert control["fdr"] > 0.05 or control["mean_shift_goal"] < control["null_mean_shift_goal"]
+    assert drivers["mean_shift_goal"] > 100 * abs(control["mean_shift_goal"])
+
+
+def test_cli_perturb_every_gene(condition_model, tmp_path, capsys):
+    h5ad, model_dir, adata, _, _, _ = condition_model
+    out = tmp_path / "pert"
+    _cli("perturb", model_dir, h5ad, "--out", out, "--state-column", "condition", "--start-state", "disease",
+         "--goal-state", "healthy", "--alt-states", "healthy", "--max-cells", 8, "--quiet", capsys=capsys)
+    genes = pd.read_csv(out / "genes.csv")
+    assert {"gene_id", "n_cells", "mean_shift_goal", "mean_shift_healthy", "p_value", "fdr"} <= set(genes.columns)
+    assert (genes["fdr"].dropna() >= genes["p_value"].dropna().min() - 1e-12).all()
+    shifts = pd.read_parquet(out / "shifts.parquet")
+    assert shifts["cell_id"].nunique() == 8 and len(shifts) == genes["n_cells"].sum()
+    np.testing.assert_allclose(shifts["shift_goal"], shifts["shift_healthy"])
+    assert (out / "shifts.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_perturb_bad_input(condition_model, tmp_path, capsys):
+    h5ad, model_dir, _, _, lm, _ = condition_model
+    base = ["perturb", model_dir, h5ad, "--out", tmp_path / "o", "--state-column", "condition"]
+    err = _cli(*base, "--start-state", "sick", "--goal-state", "healthy", check_rc=2, capsys=capsys)
+    assert "start state 'sick' is not a value of 'condition'" in err
+    err = _cli(*base, "--start-state", "disease", "--goal-state", "healthy", "--genes", "NOTAGENE1,ENSG00000000001",
+               check_rc=2, capsys=capsys)
+    assert "'NOTAGENE1' (and 1 more) is not in the model's vocabulary" in err
+    assert not (tmp_path / "o").exists()
+    gid = next(g for g in lm.vocabulary if g.startswith("ENSG"))
+    assert resolve_genes([gid.lower() + ".7"], lm.vocabulary, None) == [gid]
