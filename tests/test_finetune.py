@@ -114,7 +114,8 @@ def test_gene_classification_cross_validates_over_genes(corpus, tmp_path):
         csv, index=False)
     out = tmp_path / "genes"
     main(["finetune", str(tmp / "shards"), "--task", "genes", "--gene-labels", str(csv), "--preset", "tiny",
-          "--folds", "3", "--epochs", "2", "--lr", "3e-3", "--tokens-per-batch", "4096", "--out", str(out), "-q"])
+          "--folds", "3", "--epochs", "2", "--lr", "3e-3", "--tokens-per-batch", "4096",
+          "--out", str(out), "-q"])
     m = json.loads((out / "metrics.json").read_text())
     assert m["classes"] == ["background", "marker"] and m["genes"] == 120
     assert [f["test_genes"] for f in m["folds"]] == [40, 40, 40]

@@ -57,11 +57,12 @@ def test_mitochondrial_worked_example(pretrained, shared_data, tmp_path):
     main(["tokenize", str(kang), "--out", str(mito), "--genes", str(shared_data / "genes" / "Human.MitoCarta3.0.csv"),
           "--keep-obs", "condition", *dicts])
     out = tmp_path / "mito_classifier"
+    # Mitochondrial genes are few per cell, so batches of 2,048 tokens give enough steps.
     main(["finetune", str(mito), "--label", "condition", "--from", str(tmp / "pretrained"), "--out", str(out),
-          "--epochs", "10", "--lr", "1e-3", "--tokens-per-batch", "8192", "--baseline", "-q"])
+          "--epochs", "20", "--lr", "1e-3", "--tokens-per-batch", "2048", "--patience", "8", "--baseline", "-q"])
     m = json.loads((out / "metrics.json").read_text())
     print(f"mitochondrial genes only: cellrank macro-F1 {m['macro_f1']:.3f}, baseline {m['baseline']['macro_f1']:.3f}")
-    assert m["macro_f1"] > 0.6  # mitochondrial genes carry part of the interferon response
+    assert m["macro_f1"] > 0.7  # mitochondrial genes carry part of the interferon response
     pred = tmp_path / "kang.mito.h5ad"
     main(["predict", str(out), str(kang), "--out", str(pred), "-q"])
     res = ad.read_h5ad(pred)

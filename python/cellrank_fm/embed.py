@@ -63,8 +63,8 @@ def umap_coords(x: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.ndarr
 def embed_file(model_dir: str | Path, input_path: str | Path, out_path: str | Path, *, layer: int = -1,
                pooling: str | None = None, genes_out: str | Path | None = None,
                umap_color: str | None = None, umap_png: str | Path | None = None, seed: int = 0,
-               tokens_per_batch: int = 32768, chunk_cells: int = CHUNK_CELLS, device: str = "auto",
-               quiet: bool = False) -> dict:
+               tokens_per_batch: int = 32768, chunk_cells: int = CHUNK_CELLS, layer_counts: str | None = None,
+               gene_id_column: str | None = None, gene_map=(), device: str = "auto", quiet: bool = False) -> dict:
     """Embed every cell of `input_path` into `out_path` (`obsm["X_cellrank"]`); return a summary."""
     from cellrank_fm.progress import progress_bar
 
@@ -83,7 +83,7 @@ def embed_file(model_dir: str | Path, input_path: str | Path, out_path: str | Pa
             import umap  # noqa: F401  (fail before the work, not after)
         except ImportError:
             raise UserError("the UMAP needs the umap-learn package: pip install 'cellrank-fm[umap]'.") from None
-    lm = load_for_inference(model_dir, device=device)
+    lm = load_for_inference(model_dir, device=device, gene_id_column=gene_id_column, gene_map=gene_map)
     model = lm.model
     n_layers = model.config.num_hidden_layers
     if not -n_layers - 1 <= layer <= n_layers:
@@ -104,7 +104,7 @@ def embed_file(model_dir: str | Path, input_path: str | Path, out_path: str | Pa
         gene_sums = {"sum": torch.zeros(v, hidden, dtype=torch.float64), "count": torch.zeros(v, dtype=torch.float64)}
     with progress_bar("cells", quiet=quiet) as bar:
         task = bar.add_task("embed", total=n)
-        for start, tokens, ok in tokenized_chunks(input_path, lm, chunk_cells):
+        for start, tokens, ok in tokenized_chunks(input_path, lm, chunk_cells, layer_counts):
             rows = np.flatnonzero(ok)
             if len(rows):
                 x[start + rows] = embed_tokens(model, [tokens[i] for i in rows], layer=layer, pooling=pooling,

@@ -75,6 +75,8 @@ def model_info(shards) -> dict[str, Any]:
         "vocabulary_sha256": shards.vocab_sha256 or content_sha256(shards.vocabulary),
         "gene_set": (m.get("gene_set") or None),
         "gene_id_column": (m.get("settings") or {}).get("gene_id_column"),
+        # Symbol/alias tables the tokenizer used: `predict` resolves new inputs' genes alike.
+        "gene_map": [str(Path(p).resolve()) for p in (m.get("genes") or {}).get("gene_map", []) if Path(p).is_file()],
     }
 
 

@@ -33,10 +33,17 @@ class LoadedModel:
     model_input_size: int | None
     gene_set: list[str] | None
     gene_id_column: str | None
+    mapping: object | None  # genes.GeneMapping for symbols / aliases / retired IDs
 
 
-def load_for_inference(model_dir: str | Path, expect: str = "any", device: str = "auto") -> LoadedModel:
-    """Load a model directory with what tokenizing new data needs, checking the vocabulary."""
+def load_for_inference(model_dir: str | Path, expect: str = "any", device: str = "auto",
+                       gene_id_column: str | None = None, gene_map=()) -> LoadedModel:
+    """Load a model directory with what tokenizing new data needs, checking the vocabulary.
+
+    `gene_map`: symbol/alias tables (default: those the model's shards were tokenized with,
+    where they still exist); `gene_id_column`: the var column of the new input holding gene IDs
+    (default: the one used in training when the input has it, else var_names).
+    """
     from cellrank_fm.checkpoint import load_model_dir
     from cellrank_fm.finetune import GENE_SET_FILE
     from cellrank_fm.train import pick_device
@@ -56,10 +63,16 @@ def load_for_inference(model_dir: str | Path, expect: str = "any", device: str =
     gene_set = None
     if (model_dir / GENE_SET_FILE).is_file():
         gene_set = json.loads((model_dir / GENE_SET_FILE).read_text())
+    maps = [str(p) for p in gene_map] or [p for p in ours.get("gene_map", []) if Path(p).is_file()]
+    mapping = None
+    if maps:
+        from cellrank_fm.genes import load_mapping
+
+        mapping = load_mapping(maps)
     model.to(pick_device(device))
     model.eval()
     return LoadedModel(model, info, vocab, medians, version, ours.get("model_input_size"), gene_set,
-                       ours.get("gene_id_column"))
+                       gene_id_column or ours.get("gene_id_column"), mapping)
 
 
 def check_model_vocabulary(model_dir: Path, info, vocab: dict[str, int]) -> None:
@@ -101,14 +114,17 @@ def tokenized_chunks(path: Path, lm: LoadedModel, chunk_cells: int = CHUNK_CELLS
     from cellrank_fm.tokenize import tokenize_in_memory
 
     adata = open_h5ad(path)
+    column = lm.gene_id_column
+    if column is not None and column not in adata.var.columns:
+        column = None  # the training input's ID column; this input identifies genes by var_names
     try:
         n = adata.n_obs
         for start in range(0, n, chunk_cells):
             part = adata[start:min(n, start + chunk_cells)].to_memory()
             res = tokenize_in_memory(
                 part, lm.vocabulary, lm.medians, model_version=lm.model_version,
-                model_input_size=lm.model_input_size, gene_id_column=lm.gene_id_column,
-                gene_set=lm.gene_set, layer=layer,
+                model_input_size=lm.model_input_size, gene_id_column=column,
+                mapping=lm.mapping, gene_set=lm.gene_set, layer=layer,
             )
             yield start, res.tokens, np.asarray(res.ok, dtype=bool)
     finally:
@@ -146,7 +162,8 @@ def write_results(input_path: Path, out_path: Path, obs_columns: dict, obsm: dic
 
 def predict_file(model_dir: str | Path, input_path: str | Path, out_path: str | Path, *,
                  tokens_per_batch: int = 32768, chunk_cells: int = CHUNK_CELLS, layer: str | None = None,
-                 device: str = "auto", quiet: bool = False) -> dict:
+                 gene_id_column: str | None = None, gene_map=(), device: str = "auto",
+                 quiet: bool = False) -> dict:
     """Classify every cell of `input_path`; write `out_path`; return a summary."""
     import pandas as pd
 
@@ -156,7 +173,8 @@ def predict_file(model_dir: str | Path, input_path: str | Path, out_path: str | 
     input_path, out_path = Path(input_path), Path(out_path)
     if out_path.resolve() == input_path.resolve():
         raise UserError("--out must differ from the input file; cellrank never overwrites its input.")
-    lm = load_for_inference(model_dir, expect="classifier", device=device)
+    lm = load_for_inference(model_dir, expect="classifier", device=device, gene_id_column=gene_id_column,
+                            gene_map=gene_map)
     if lm.info.architecture != "BertForSequenceClassification" or not lm.info.labels:
         raise UserError(
             f"{model_dir} holds a {lm.info.architecture} without cell labels; `predict` needs a cell "

@@ -166,6 +166,8 @@ def predict_cmd(
     input: Annotated[Path, typer.Argument(help="Cells to classify (.h5ad, raw counts).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .h5ad: the input plus obs cellrank_label / cellrank_confidence and obsm cellrank_proba.", rich_help_panel=OUT)],
     layer: Annotated[Optional[str], typer.Option("--layer", help="Read raw counts from this layer (or raw) instead of X.")] = None,
+    gene_id_column: Annotated[Optional[str], typer.Option("--gene-id-column", help="var column of the input holding gene IDs or symbols (default: the training input's, if present, else var_names).", rich_help_panel="Genes")] = None,
+    gene_map: Annotated[Optional[list[Path]], typer.Option("--gene-map", help="Symbol/alias -> Ensembl ID table (default: the tables the model's shards were tokenized with). Repeatable.", rich_help_panel="Genes")] = None,
     tokens_per_batch: Annotated[int, typer.Option("--tokens-per-batch", help="Padded tokens per inference batch.", rich_help_panel=RUN)] = 32768,
     device: Annotated[str, typer.Option("--device", help="auto (GPU when present), cpu, cuda ...", rich_help_panel=RUN)] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=RUN)] = False,
@@ -178,7 +180,8 @@ def predict_cmd(
     """
     from cellrank_fm.predict import predict_file
 
-    r = predict_file(model_dir, input, out, tokens_per_batch=tokens_per_batch, layer=layer, device=device, quiet=quiet)
+    r = predict_file(model_dir, input, out, tokens_per_batch=tokens_per_batch, layer=layer, gene_id_column=gene_id_column,
+                     gene_map=gene_map or (), device=device, quiet=quiet)
     shown = ", ".join(f"{k} {v:,}" for k, v in r["predicted"].items())
     typer.echo(f"classified {r['cells'] - r['untokenized']:,} of {r['cells']:,} cells ({shown}); "
                f"{r['untokenized']:,} could not be tokenized (no vocabulary gene) and have no label")
@@ -197,6 +200,9 @@ def embed_cmd(
     umap_png: Annotated[Optional[Path], typer.Option("--umap-png", metavar="PNG", help="Draw a UMAP of the cell embeddings (needs umap-learn).", rich_help_panel=OUT)] = None,
     umap_color: Annotated[Optional[str], typer.Option("--umap-color", metavar="COLUMN", help="Colour the UMAP by this obs column.", rich_help_panel=OUT)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the UMAP.", rich_help_panel=OUT)] = 0,
+    counts_layer: Annotated[Optional[str], typer.Option("--counts-layer", help="Read raw counts from this layer (or raw) instead of X.")] = None,
+    gene_id_column: Annotated[Optional[str], typer.Option("--gene-id-column", help="var column of the input holding gene IDs or symbols (default: the training input's, if present, else var_names).", rich_help_panel="Genes")] = None,
+    gene_map: Annotated[Optional[list[Path]], typer.Option("--gene-map", help="Symbol/alias -> Ensembl ID table (default: the tables the model's shards were tokenized with). Repeatable.", rich_help_panel="Genes")] = None,
     tokens_per_batch: Annotated[int, typer.Option("--tokens-per-batch", help="Padded tokens per inference batch.", rich_help_panel=RUN)] = 32768,
     device: Annotated[str, typer.Option("--device", help="auto (GPU when present), cpu, cuda ...", rich_help_panel=RUN)] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=RUN)] = False,
@@ -213,6 +219,7 @@ def embed_cmd(
         raise UserError(f"--pooling must be cls or mean, not {pooling!r}.")
     r = embed_file(model_dir, input, out, layer=layer, pooling=pooling, genes_out=genes_out,
                    umap_color=umap_color, umap_png=umap_png, seed=seed, tokens_per_batch=tokens_per_batch,
+                   layer_counts=counts_layer, gene_id_column=gene_id_column, gene_map=gene_map or (),
                    device=device, quiet=quiet)
     typer.echo(f"embedded {r['cells'] - r['untokenized']:,} of {r['cells']:,} cells ({r['hidden_size']} "
                f"dimensions, layer {r['layer']}, {r['pooling']} pooling); {r['untokenized']:,} could not be "
