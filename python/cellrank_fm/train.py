@@ -277,14 +277,14 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, out_dir: str | P
     model.train()
     t0 = time.perf_counter()
     tokens_total = 0
-    window_loss, window_steps, window_tokens, window_t = 0.0, 0, 0, time.perf_counter()
+    window_loss, window_steps, window_tokens, window_t = torch.zeros((), device=device), 0, 0, time.perf_counter()
     stopped_early = False
     with progress_bar("steps", quiet=cfg.quiet or not is_main, extra="loss {task.fields[loss]} · {task.fields[tps]} tokens/s") as bar:
         tid = bar.add_task("pretrain" if not hasattr(task, "name") else task.name, total=cfg.max_steps,
                            completed=step, loss="--", tps="--")
         while step < cfg.max_steps:
             torch.manual_seed(_step_seed(cfg.seed, step, rank))
-            step_loss = 0.0
+            step_loss = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
                 batch, epoch, index = next(stream)
                 batch = batch.to(device, non_blocking=True)
@@ -294,7 +294,7 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, out_dir: str | P
                     with autocast(cfg, device):
                         loss = task.loss(run_model, batch)
                     (loss / cfg.grad_accum).backward()
-                step_loss += loss.detach().float().item() / cfg.grad_accum
+                step_loss += loss.detach().float() / cfg.grad_accum  # no host sync per step
                 window_tokens += batch.num_tokens
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -306,7 +306,7 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, out_dir: str | P
             window_steps += 1
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                loss_sum, tok_sum = dist.sum([window_loss, float(window_tokens)], device)
+                loss_sum, tok_sum = dist.sum([window_loss.item(), float(window_tokens)], device)
                 now = time.perf_counter()
                 tps = tok_sum / max(now - window_t, 1e-9)
                 tokens_total += int(tok_sum)
@@ -318,7 +318,7 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, out_dir: str | P
                         "elapsed_s": now - t0,
                     })
                 bar.update(tid, completed=step, loss=f"{mean_loss:.4f}", tps=f"{tps:,.0f}")
-                window_loss, window_steps, window_tokens, window_t = 0.0, 0, 0, now
+                window_loss, window_steps, window_tokens, window_t = torch.zeros((), device=device), 0, 0, now
             else:
                 bar.update(tid, completed=step)
 
