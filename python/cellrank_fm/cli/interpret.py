@@ -62,7 +62,8 @@ def explain_cmd(
     from rich.console import Console
 
     from cellrank_fm.errors import UserError
-    from cellrank_fm.explain import METHODS, Evaluator, explain, load_cells, load_classifier, summary_table, write_outputs
+    from cellrank_fm.explain import (METHODS, Evaluator, explain, input_symbols, load_cells, load_classifier,
+                                     summary_table, write_outputs)
 
     if method not in METHODS:
         raise UserError(f"unknown --method {method!r}; use permutation or gradient.")
@@ -78,7 +79,8 @@ def explain_cmd(
 
         class_indices(evaluator.labels, wanted, "--classes value")
     cells = load_cells(input, lm)
-    result = explain(evaluator, cells, method=method, label_column=label, classes=wanted, all_classes=all_classes,
+    symbols = {**input_symbols(input, lm.gene_id_column), **(lm.info.symbols or {})}
+    result = explain(evaluator, cells, method=method, symbols=symbols, label_column=label, classes=wanted, all_classes=all_classes,
                      per_class=per_class, npermutations=permutations, nsamples=samples, seed=seed, quiet=quiet)
     result.settings.update(model=str(model_dir), input=str(input))
     write_outputs(result, out, top=top)
@@ -120,13 +122,14 @@ def perturb_cmd(
     from rich.console import Console
 
     from cellrank_fm.errors import UserError
-    from cellrank_fm.explain import Evaluator, load_cells
+    from cellrank_fm.explain import Evaluator, input_symbols, load_cells
     from cellrank_fm.perturb import MODES, perturb, resolve_genes, summary_table, write_outputs
     from cellrank_fm.predict import load_for_inference
 
     if mode not in MODES:
         raise UserError(f"unknown --mode {mode!r}; use delete or overexpress.")
     lm = load_for_inference(model_dir, expect="any", device=device)
+    lm.info.symbols = {**input_symbols(input, lm.gene_id_column), **(lm.info.symbols or {})}
     evaluator = Evaluator(lm.model, lm.info, tokens_per_batch)
     gene_ids = None
     if genes.strip().lower() != "all":
