@@ -29,6 +29,16 @@ def _exit_code(args, capsys):
     return exc.value.code, capsys.readouterr().err
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on shared cores they spin and crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Simulated cells (small libraries, so cells differ in which genes they express), tokenized."""
