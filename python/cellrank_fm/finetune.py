@@ -14,7 +14,6 @@ confusion_matrix.png, split.csv (every cell's split) and training/ (the loop's l
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

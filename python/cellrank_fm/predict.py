@@ -47,7 +47,6 @@ def load_for_inference(model_dir: str | Path, expect: str = "any", device: str =
     from cellrank_fm.checkpoint import load_model_dir
     from cellrank_fm.finetune import GENE_SET_FILE
     from cellrank_fm.train import pick_device
-    from cellrank_fm.vocab import content_sha256
 
     model_dir = Path(model_dir)
     model, info = load_model_dir(model_dir, expect=expect)
