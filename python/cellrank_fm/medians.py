@@ -17,7 +17,7 @@ import numpy as np
 from cellrank_fm.errors import UserError, atomic_path
 from cellrank_fm.genes import build_plan, load_mapping, resolve_label
 from cellrank_fm.readers import expand_inputs, open_input
-from cellrank_fm.tokenize import chunk_counts, gene_labels, obs_flags
+from cellrank_fm.tokenize import DEFAULT_CHUNK_CELLS, chunk_counts, gene_labels, obs_flags
 from cellrank_fm.vocab import load_vocabulary, save_json_mapping
 
 SKETCH_MAGIC = b"CELLRANK-MEDIAN-SKETCH-1\n"
@@ -48,7 +48,7 @@ def compute_medians(
     orientation: str = "auto",
     sketch_out: str | Path | None = None,
     relative_accuracy: float = 0.001,
-    chunk_cells: int = 8192,
+    chunk_cells: int = DEFAULT_CHUNK_CELLS,
     quiet: bool = False,
 ) -> dict[str, float]:
     """Stream the inputs once and return (and write, when `out` is given) gene -> median."""

@@ -39,7 +39,7 @@ def tokenize(
     allow_float: bool = typer.Option(False, "--allow-float", help="Accept non-integer values (TPM/FPKM bulk) without a warning.", rich_help_panel=_CELLS),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run into the same --out (same inputs and options).", rich_help_panel=_RUN),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing shard directory.", rich_help_panel=_RUN),
-    chunk_cells: int = typer.Option(8192, "--chunk-cells", help="Cells per chunk handed to the Rust core (memory scales with it).", rich_help_panel=_RUN),
+    chunk_cells: int = typer.Option(2048, "--chunk-cells", help="Cells per chunk handed to the Rust core (memory scales with it).", rich_help_panel=_RUN),
     part_cells: int = typer.Option(65536, "--part-cells", help="Input rows per part file (the unit --resume skips).", rich_help_panel=_RUN),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary.", rich_help_panel=_RUN),
 ) -> None:
