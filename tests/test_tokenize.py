@@ -257,3 +257,32 @@ def test_10x_h5_totals_leave_out_antibody_features(tmp_path):
         v = np.sort(x[x > 0] / gex.sum(axis=1)[x > 0] * 10_000)
         lo, hi = v[(len(v) - 1) // 2], v[len(v) // 2]
         assert lo * 0.999 <= got[g] <= hi * 1.001, g
+
+
+def test_a_directory_of_mixed_inputs_becomes_one_shard_set_in_sorted_order(tmp_path):
+    import gzip
+
+    import scipy.io
+
+    rng = np.random.default_rng(4)
+    d = tmp_path / "inputs"
+    d.mkdir()
+    blocks = [rng.poisson(1.0, size=(n, len(GENES))).astype(np.float64) for n in (7, 9, 11)]
+    # a.csv: bulk table, genes x samples; b.h5ad; c_mtx/: Matrix Market directory.
+    pl.DataFrame({"gene": GENES, **{f"S{i}": blocks[0][i] for i in range(7)}}).write_csv(d / "a.csv")
+    _write_h5ad(d / "b.h5ad", blocks[1], GENES)
+    m = d / "c_mtx"
+    m.mkdir()
+    scipy.io.mmwrite(m / "matrix.mtx", sp.csc_matrix(blocks[2].T.astype(np.int64)).tocoo(), field="integer")
+    with gzip.open(m / "features.tsv.gz", "wt") as fh:
+        fh.write("".join(f"{g}\tG{i}\tGene Expression\n" for i, g in enumerate(GENES)))
+    (m / "barcodes.tsv").write_text("".join(f"BC{i}\n" for i in range(11)))
+    medians = _medians()
+    manifest = tokenize_files([d], tmp_path / "out", Dictionaries(VOCAB, medians), quiet=True)
+    _, parts = _read_parts(tmp_path / "out")
+    assert [p["path"].split("/")[-1] for p in manifest["inputs"]] == ["a.csv", "b.h5ad", "c_mtx"]
+    assert parts["source"].to_list() == ["a.csv"] * 7 + ["b.h5ad"] * 9 + ["c_mtx"] * 11
+    expected = [t for b in blocks for t in reference_tokens(b, GENES, VOCAB, medians, 2048)]
+    assert parts["input_ids"].to_list() == [e.tolist() for e in expected]
+    assert parts["cell_id"].to_list()[:2] == ["S0", "S1"] and parts["cell_id"].to_list()[-1] == "BC10"
+    assert manifest["cells"]["written"] == 27
