@@ -19,7 +19,7 @@
 //! With a vocabulary of more than 65,536 tokens the key is a `(u64, u32)` pair of the full
 //! inverted value bits and the token id, where only exactly equal values count as ties.
 
-use crate::csr::{blocks, ColumnMap, CoreError, Count, Csr, Index, RowScan};
+use crate::csr::{blocks, check_row, ColumnMap, CoreError, Count, Csr, Index, RowScan};
 use rayon::prelude::*;
 
 /// What to do with each row besides the matrix itself.
@@ -133,11 +133,13 @@ fn run<K: RankKey, P: Index, I: Index, V: Count>(
     params: &RankParams,
     map: &ColumnMap,
 ) -> Result<Tokenized, CoreError> {
+    // Token and median side by side: one cache line per column lookup in the hot loop.
+    let col_info: Vec<(f64, i32)> = params.col_median.iter().copied().zip(params.col_token.iter().copied()).collect();
     let outs: Vec<Result<BlockOut, CoreError>> = blocks(csr.rows())
         .into_par_iter()
         .map_init(
             || (RowScan::new(map), Vec::<K>::new()),
-            |(scan, keys), (r0, r1)| rank_block(csr, n_counts, params, map, scan, keys, r0, r1),
+            |(scan, keys), (r0, r1)| rank_block(csr, n_counts, params, &col_info, map, scan, keys, r0, r1),
         )
         .collect();
     let mut blocks_out = Vec::with_capacity(outs.len());
@@ -166,6 +168,7 @@ fn rank_block<K: RankKey, P: Index, I: Index, V: Count>(
     csr: &Csr<P, I, V>,
     n_counts: Option<&[f64]>,
     params: &RankParams,
+    col_info: &[(f64, i32)],
     map: &ColumnMap,
     scan: &mut RowScan,
     keys: &mut Vec<K>,
@@ -180,14 +183,42 @@ fn rank_block<K: RankKey, P: Index, I: Index, V: Count>(
     };
     for r in r0..r1 {
         let (idx, dat) = csr.row(r);
-        let sum = scan.scan(r, idx, dat, map, &mut out.nonint)?;
-        let n = n_counts.map_or(sum, |n| n[r]);
         keys.clear();
-        if n > 0.0 {
-            for e in &scan.entries {
-                let v = e.x / n * 10000.0 / params.col_median[e.col as usize];
-                if v > 0.0 {
-                    keys.push(K::new(v, e.id));
+        // Fast path: no two columns share a token and the row's columns are increasing, so
+        // every mapped entry is its own gene and keys come straight from the row.
+        let fast = if map.has_duplicates {
+            false
+        } else {
+            let (sum, increasing) = check_row(r, idx, dat, csr.n_cols, &mut out.nonint)?;
+            if increasing {
+                let n = n_counts.map_or(sum, |n| n[r]);
+                if n > 0.0 {
+                    for (&c, &x) in idx.iter().zip(dat) {
+                        let (median, token) = col_info[c.to_i64() as usize];
+                        if token >= 0 {
+                            let v = x.to_f64() / n * 10000.0 / median;
+                            if v > 0.0 {
+                                keys.push(K::new(v, token as u32));
+                            }
+                        }
+                    }
+                }
+            }
+            increasing
+        };
+        if !fast {
+            // Shared tokens or repeated columns: gather with summing (validated again, so the
+            // non-integer count is only taken here when the fast check did not run).
+            let mut again = 0;
+            let nonint = if map.has_duplicates { &mut out.nonint } else { &mut again };
+            let sum = scan.scan(r, idx, dat, map, nonint)?;
+            let n = n_counts.map_or(sum, |n| n[r]);
+            if n > 0.0 {
+                for e in &scan.entries {
+                    let v = e.x / n * 10000.0 / params.col_median[e.col as usize];
+                    if v > 0.0 {
+                        keys.push(K::new(v, e.id));
+                    }
                 }
             }
         }
