@@ -11,6 +11,7 @@ the usual unsorted cells, representative); the share of genes is exact.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -113,11 +114,15 @@ class Dictionaries:
 
 @dataclass
 class InputPlan:
+    """One input as validated up front; its reader is reopened only while it is tokenized, so a
+    directory of many files never holds them all open (or, for tables, all in memory)."""
+
     path: Path
-    reader: MatrixReader
+    n_rows: int
     plan: ColumnPlan
     has_n_counts: bool
     has_filter: bool
+    reopen: Any  # () -> MatrixReader
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,39 +297,42 @@ def tokenize_files(
 
     # Open every input first so a bad file or option fails before anything is written.
     plans: list[InputPlan] = []
-    try:
-        for path in paths:
-            reader = open_input(path, settings.layer, settings.orientation, _gene_predicate(dicts))
-            plans.append(InputPlan(path, reader, plan_for(reader, dicts, settings.gene_id_column), *obs_flags(reader)))
+    meta_schema: list[tuple[str, str]] = []
+    is_gene = _gene_predicate(dicts)
+    for path in paths:
+        def reopen(path=path):
+            return open_input(path, settings.layer, settings.orientation, is_gene)
+
+        with reopen() as reader:
+            plans.append(InputPlan(path, reader.n_rows, plan_for(reader, dicts, settings.gene_id_column),
+                                   *obs_flags(reader), reopen))
             wanted = list(settings.keep_obs) + ([settings.cell_id_column] if settings.cell_id_column else [])
             missing = [c for c in wanted if c not in reader.obs_columns()]
             if missing:
                 raise UserError(reader._missing_obs(missing[0]))
-        meta_schema = _meta_schema(plans, settings.keep_obs)
-        vocab_sha = content_sha256(dicts.vocabulary)
-        medians_used = {g: dicts.medians[g] for g in dicts.vocabulary if g in dicts.medians}
-        medians_sha = content_sha256(medians_used)
-        run_record = {
-            "settings": asdict(settings),
-            "vocabulary_sha256": vocab_sha,
-            "medians_sha256": medians_sha,
-            "gene_set": dicts.gene_set_info,
-            "gene_map": dicts.mapping.sources if dicts.mapping else [],
-            "inputs": [
-                {"path": str(p.path), "bytes": _fingerprint(p.path, full_hash=False)["bytes"],
-                 "mtime_ns": p.path.stat().st_mtime_ns, "rows": p.reader.n_rows} for p in plans
-            ],
-        }
-        done = _prepare_out_dir(out, run_record, resume, overwrite)
-        if done is not None:
-            _say(f"{out} is already complete ({done['cells']['written']} cells)", quiet)
-            return done
-        run = _Run(out, plans, dicts, settings, run_record, chunk_cells, max_genes, prefix, suffix, specials,
-                   tdtype, medians_used, vocab_sha, medians_sha, meta_schema, warnings_list, quiet, fail_after_rows)
-        return _tokenize_into(run, ShardWriter, __version__)
-    finally:
-        for p in plans:
-            p.reader.close()
+            if len(plans) == 1:
+                meta_schema = _meta_schema(reader, settings.keep_obs)
+    vocab_sha = content_sha256(dicts.vocabulary)
+    medians_used = {g: dicts.medians[g] for g in dicts.vocabulary if g in dicts.medians}
+    medians_sha = content_sha256(medians_used)
+    run_record = {
+        "settings": asdict(settings),
+        "vocabulary_sha256": vocab_sha,
+        "medians_sha256": medians_sha,
+        "gene_set": dicts.gene_set_info,
+        "gene_map": dicts.mapping.sources if dicts.mapping else [],
+        "inputs": [
+            {"path": str(p.path), "bytes": _fingerprint(p.path, full_hash=False)["bytes"],
+             "mtime_ns": p.path.stat().st_mtime_ns, "rows": p.n_rows} for p in plans
+        ],
+    }
+    done = _prepare_out_dir(out, run_record, resume, overwrite)
+    if done is not None:
+        _say(f"{out} is already complete ({done['cells']['written']} cells)", quiet)
+        return done
+    run = _Run(out, plans, dicts, settings, run_record, chunk_cells, max_genes, prefix, suffix, specials,
+               tdtype, medians_used, vocab_sha, medians_sha, meta_schema, warnings_list, quiet, fail_after_rows)
+    return _tokenize_into(run, ShardWriter, __version__)
 
 
 def _gene_predicate(dicts: Dictionaries):
@@ -436,15 +444,17 @@ def _tokenize_into(run: _Run, ShardWriter, version: str) -> dict:
     input_stats = []
     part_index = 0
     rows_seen = 0
-    total_rows = sum(p.reader.n_rows for p in plans)
+    total_rows = sum(p.n_rows for p in plans)
     nonint = nnz = 0
     gene_reports = []
     symbols: dict[str, str] = {}
     try:
-        with progress_bar("cells", quiet=quiet) as bar, open(out / PROGRESS_FILE, "a") as progress:
+        with progress_bar("cells", quiet=quiet) as bar, open(out / PROGRESS_FILE, "a") as progress, \
+                contextlib.ExitStack() as readers_open:
             task = bar.add_task("tokenizing", total=total_rows)
             for ip in plans:
-                reader, plan = ip.reader, ip.plan
+                reader = readers_open.enter_context(ip.reopen())
+                plan = ip.plan
                 source = ip.path.name
                 obs_cols = list(dict.fromkeys(
                     list(settings.keep_obs) + ["n_counts"] * ip.has_n_counts + ["filter_pass"] * ip.has_filter
@@ -506,6 +516,7 @@ def _tokenize_into(run: _Run, ShardWriter, version: str) -> dict:
                     for k in ("kept", "filtered_out", "empty"):
                         stats[k] += rec[k]
                     part_index += 1
+                reader.close()  # one input open at a time
                 input_stats.append(stats)
                 gene_reports.append({"path": str(ip.path), **plan.report(),
                                      "share_counts_first_cells": None if share_counts is None else round(share_counts, 6)})
@@ -589,13 +600,13 @@ def _report_genes(ip: InputPlan, plan: ColumnPlan, share_counts, warnings_list, 
               warnings_list, quiet)
 
 
-def _meta_schema(plans: list[InputPlan], keep_obs: Sequence[str]) -> list[tuple[str, str]]:
+def _meta_schema(reader: MatrixReader, keep_obs: Sequence[str]) -> list[tuple[str, str]]:
     schema = []
     for name in keep_obs:
         reserved = {"input_ids", "length", "cell_id", "source"}
         if name in reserved:
             raise UserError(f"--keep-obs column {name!r} clashes with a shard column; use --cell-id-column for cell names, or rename it")
-        sample = plans[0].reader.read(0, min(1, plans[0].reader.n_rows), [name]).obs[name]
+        sample = reader.read(0, min(1, reader.n_rows), [name]).obs[name]
         arr = np.asarray(sample)
         if arr.dtype.kind == "b":
             kind = "bool"
