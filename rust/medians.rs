@@ -172,10 +172,24 @@ impl MedianSketch {
                     },
                 )
                 .collect();
-            for block in keyed {
-                for (g, k) in block? {
-                    self.genes[g as usize].add(k, 1);
+            let failed = keyed.iter().position(|b| b.is_err());
+            let ok: Vec<&Vec<(u32, i32)>> = keyed[..failed.unwrap_or(keyed.len())].iter().flatten().collect();
+            // Counting is bound by cache misses on the scattered per-gene stores, so each
+            // thread takes a range of genes and counts only those (reading all pairs).
+            let per_thread = self.genes.len().div_ceil(rayon::current_num_threads()).max(1);
+            self.genes.par_chunks_mut(per_thread).enumerate().for_each(|(i, stores)| {
+                let lo = (i * per_thread) as u32;
+                let hi = lo + stores.len() as u32;
+                for block in &ok {
+                    for &(g, k) in block.iter() {
+                        if g >= lo && g < hi {
+                            stores[(g - lo) as usize].add(k, 1);
+                        }
+                    }
                 }
+            });
+            if let Some(i) = failed {
+                return Err(keyed.into_iter().nth(i).unwrap().unwrap_err());
             }
         }
         Ok(())
