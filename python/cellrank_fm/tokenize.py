@@ -129,16 +129,19 @@ class InputPlan:
 # Shared building blocks (used by tokenize, medians and in-memory tokenization).
 
 
+# var columns that conventionally hold display symbols (10x, scanpy, CELLxGENE, our simulator).
+SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "symbol", "gene_name", "feature_name")
+
+
 def gene_labels(reader: MatrixReader, gene_id_column: str | None) -> tuple[list[str], list[str] | None]:
     """Labels to resolve, plus display symbols when IDs come from a column and var_names are symbols."""
+    symbol_column = next((c for c in SYMBOL_COLUMNS if c in reader.var_columns() and c != gene_id_column), None)
+    symbols = reader.var_column(symbol_column) if symbol_column else None
     if gene_id_column:
-        labels = reader.var_column(gene_id_column)
         names = reader.var_names
-        symbols = names if sum(map(looks_like_ensembl, names[:500])) < 0.5 * min(500, len(names)) else None
-        if symbols is None and "gene_symbols" in reader.var_columns() and gene_id_column != "gene_symbols":
-            symbols = reader.var_column("gene_symbols")
-        return labels, symbols
-    symbols = reader.var_column("gene_symbols") if "gene_symbols" in reader.var_columns() else None
+        if sum(map(looks_like_ensembl, names[:500])) < 0.5 * min(500, len(names)):
+            symbols = names
+        return reader.var_column(gene_id_column), symbols
     return reader.var_names, symbols
 
 
