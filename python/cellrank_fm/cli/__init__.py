@@ -12,11 +12,11 @@ from cellrank_fm.cli.app import app
 from cellrank_fm.errors import UserError
 
 # Importing the modules registers their commands on `app`, in help order.
+from cellrank_fm.cli import demo as _demo  # noqa: F401,E402
 from cellrank_fm.cli import data as _data  # noqa: F401,E402
 from cellrank_fm.cli import model as _model  # noqa: F401,E402
 from cellrank_fm.cli import classify as _classify  # noqa: F401,E402
 from cellrank_fm.cli import interpret as _interpret  # noqa: F401,E402
-from cellrank_fm.cli import demo as _demo  # noqa: F401,E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,10 @@ app = typer.Typer(
     help=(
         "Rank-value transcriptomic foundation models: tokenize raw counts, pretrain and "
         "fine-tune a transformer, and explain its decisions gene by gene.\n\n"
-        "Example: cellrank tokenize pbmc.h5ad --out shards/ --model-version v2"
+        "Start with [bold]cellrank demo[/bold] (offline, minutes on a CPU); every command has --help "
+        "with an example.\n\n"
+        "Example: cellrank tokenize pbmc.h5ad --out shards/ --vocab token_dictionary_gc30M.pkl "
+        "--medians gene_median_dictionary_gc30M.pkl --keep-obs condition"
     ),
     no_args_is_help=True,
     add_completion=False,

@@ -36,7 +36,7 @@ def _split_kwargs(seed, split_by, split_column, validation_fraction, test_fracti
                 min_class_size=min_class_size)
 
 
-@app.command("baseline")
+@app.command("baseline", rich_help_panel="Classify")
 def baseline_cmd(
     data: Annotated[Path, typer.Argument(help="Token shard directory (counts are read back from its input files) or an input file (.h5ad, ...).")],
     label: Annotated[str, typer.Option("--label", "-l", metavar="COLUMN", help="Cell metadata column to predict.")],
@@ -79,7 +79,7 @@ MODEL = "Model"
 RUN = "Run"
 
 
-@app.command("finetune")
+@app.command("finetune", rich_help_panel="Classify")
 def finetune_cmd(
     shards: Annotated[Path, typer.Argument(help="Token shard directory from `cellrank tokenize` (with the label kept: --keep-obs COLUMN).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output model directory (must not exist or be empty).", rich_help_panel=OUT)],
@@ -160,7 +160,7 @@ def finetune_cmd(
                f"{result['metrics']['best_validation_macro_f1'] or float('nan'):.3f}) and metrics to {out}")
 
 
-@app.command("predict")
+@app.command("predict", rich_help_panel="Classify")
 def predict_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Classifier directory from `cellrank finetune`.")],
     input: Annotated[Path, typer.Argument(help="Cells to classify (.h5ad, raw counts).")],
@@ -189,7 +189,7 @@ def predict_cmd(
                f"uns cellrank_proba_classes)")
 
 
-@app.command("embed")
+@app.command("embed", rich_help_panel="Classify")
 def embed_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Any model directory (pretrained or fine-tuned).")],
     input: Annotated[Path, typer.Argument(help="Cells to embed (.h5ad, raw counts).")],
