@@ -30,7 +30,7 @@ def _split_list(value: Optional[str]) -> Optional[list[str]]:
     return items or None
 
 
-@app.command("explain")
+@app.command("explain", rich_help_panel="Explain")
 def explain_cmd(
     model_dir: ModelDir,
     input: Input,
@@ -90,7 +90,7 @@ def explain_cmd(
         console.print(f"{evaluator.evaluations:,} model evaluations; results in {out}/")
 
 
-@app.command("perturb")
+@app.command("perturb", rich_help_panel="Explain")
 def perturb_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Model directory (a fine-tuned classifier or a pretrained model).")],
     input: Input,
