@@ -157,6 +157,26 @@ fn is_integral(x: f64) -> bool {
     x >= 4_503_599_627_370_496.0 || (x as i64) as f64 == x
 }
 
+/// One stored value as f64, or the error naming its chunk row and column when it is negative,
+/// NaN or infinite. Non-integer values are added to `nonint`.
+#[inline(always)]
+fn check_value<V: Count>(row: usize, col: i64, x: V, nonint: &mut u64) -> Result<f64, CoreError> {
+    let xf = x.to_f64();
+    if V::INTEGRAL {
+        if xf < 0.0 {
+            return Err(CoreError::BadValue { row, col, value: xf });
+        }
+    } else {
+        if xf < 0.0 || !xf.is_finite() {
+            return Err(CoreError::BadValue { row, col, value: xf });
+        }
+        if !is_integral(xf) {
+            *nonint += 1;
+        }
+    }
+    Ok(xf)
+}
+
 /// Validates one row (chunk row `row`: column indices in range, no negative, NaN or infinite
 /// value) and returns its sum over all stored values and whether its column indices are
 /// strictly increasing (then no column repeats). Non-integer values are added to `nonint`.
@@ -180,18 +200,7 @@ pub fn check_row<I: Index, V: Count>(
         }
         increasing &= c > prev;
         prev = c;
-        let xf = x.to_f64();
-        if !V::INTEGRAL {
-            // `!(xf >= 0)` also catches NaN.
-            if !(xf >= 0.0) || xf.is_infinite() {
-                return Err(CoreError::BadValue { row, col: c, value: xf });
-            }
-            if !is_integral(xf) {
-                *nonint += 1;
-            }
-        } else if xf < 0.0 {
-            return Err(CoreError::BadValue { row, col: c, value: xf });
-        }
+        let xf = check_value(row, c, x, nonint)?;
         sum += xf;
     }
     Ok((sum, increasing))
@@ -281,18 +290,7 @@ impl RowScan {
             }
             increasing &= c > prev;
             prev = c;
-            let xf = x.to_f64();
-            if !V::INTEGRAL {
-                // `!(xf >= 0)` also catches NaN.
-                if !(xf >= 0.0) || xf.is_infinite() {
-                    return Err(CoreError::BadValue { row, col: c, value: xf });
-                }
-                if !is_integral(xf) {
-                    *nonint += 1;
-                }
-            } else if xf < 0.0 {
-                return Err(CoreError::BadValue { row, col: c, value: xf });
-            }
+            let xf = check_value(row, c, x, nonint)?;
             sum += xf;
             let id = map.ids[c as usize];
             if id < 0 || xf == 0.0 {

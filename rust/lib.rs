@@ -120,6 +120,8 @@ mod python {
         }
     }
 
+    type TokenizeResult<'py> = (Bound<'py, PyArray1<u32>>, Bound<'py, PyArray1<i64>>, u64);
+
     #[pyfunction]
     #[pyo3(signature = (indptr, indices, data, n_counts, col_token, col_median, max_genes, prefix_token=-1, suffix_token=-1))]
     #[allow(clippy::too_many_arguments)]
@@ -134,7 +136,7 @@ mod python {
         max_genes: usize,
         prefix_token: i64,
         suffix_token: i64,
-    ) -> PyResult<(Bound<'py, PyArray1<u32>>, Bound<'py, PyArray1<i64>>, u64)> {
+    ) -> PyResult<TokenizeResult<'py>> {
         let indptr = int_array(indptr, "indptr")?;
         let indices = int_array(indices, "indices")?;
         let data = data_array(data)?;

@@ -158,7 +158,7 @@ impl MedianSketch {
                             let (idx, dat) = csr.row(r);
                             let sum = scan.scan(r, idx, dat, &map, &mut nonint)?;
                             let n = n_counts.map_or(sum, |n| n[r]);
-                            if !(n > 0.0) {
+                            if n.is_nan() || n <= 0.0 {
                                 continue;
                             }
                             for e in &scan.entries {
