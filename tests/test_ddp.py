@@ -26,7 +26,7 @@ def _worker(rank, world, port, shards_dir, out_dir):
     plan = task.plan(0, rank, world, 128)
     torch.manual_seed(0)
     model = BertForMaskedLM(preset_config("tiny", vocab_size=64, hidden_dropout_prob=0.1))
-    cfg = TrainConfig(lr=3e-3, max_steps=6, grad_accum=2, tokens_per_batch=128, log_every=2, quiet=True, device="cpu")
+    cfg = TrainConfig(lr=3e-3, max_steps=4, grad_accum=2, tokens_per_batch=128, log_every=2, quiet=True, device="cpu")
     summary = train(model, task, cfg, out_dir)
     torch.save({"state": model.state_dict(), "cells": np.concatenate(plan), "world": summary["world_size"]},
                os.path.join(out_dir, f"rank{rank}.pt"))

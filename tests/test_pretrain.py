@@ -1,0 +1,85 @@
+"""`cellrank pretrain` on real shards tokenized from ../shared/data/sc, and its refusals."""
+
+import json
+
+import numpy as np
+import pytest
+
+from cellrank_fm.cli import main
+from test_shards import write_shards
+
+
+@pytest.fixture(scope="module")
+def pbmc_shards(shared_data, tmp_path_factory):
+    """The Kang 2017 PBMCs (2,000 cells) tokenized with the V1 vocabulary, top 128 genes per cell."""
+    out = tmp_path_factory.mktemp("pbmc") / "shards"
+    g = shared_data / "geneformer"
+    with pytest.raises(SystemExit) as e:
+        main([
+            "tokenize", str(shared_data / "sc" / "kang2017_pbmc_ifnb_2k.h5ad"), "--out", str(out),
+            "--vocab", str(g / "token_dictionary_gc30M.pkl"), "--medians", str(g / "gene_median_dictionary_gc30M.pkl"),
+            "--gene-id-column", "ensembl_id", "--model-input-size", "128", "--quiet",
+        ])
+    assert e.value.code in (0, None)
+    return out
+
+
+def _exit_code(argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return e.value.code
+
+
+def test_pretraining_learns_masked_genes(pbmc_shards, tmp_path, capsys):
+    out = tmp_path / "model"
+    code = _exit_code([
+        "pretrain", str(pbmc_shards), "--out", str(out), "--preset", "tiny", "--max-steps", "200",
+        "--tokens-per-batch", "2048", "--lr", "5e-3", "--seed", "0", "--quiet",
+    ])
+    assert code in (0, None)
+    evals = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e["split"] == "val"]
+    first, last = evals[0], evals[-1]
+    assert first["step"] == 0 and last["step"] == 200
+    # Untrained: about ln(25,426) = 10.1 nats. Trained: far lower.
+    assert first["loss"] > 9.5 and last["loss"] < first["loss"] - 1.5
+    # Better than predicting the most frequent gene for every masked position.
+    assert last["accuracy"] > 1.3 * last["baseline_overall_accuracy"] > 0
+    assert last["baseline_position_accuracy"] > last["baseline_overall_accuracy"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["BertForMaskedLM"] and cfg["vocab_size"] == 25426
+    assert cfg["cellrank"]["model_version"] == "v1" and cfg["cellrank"]["step"] == 200
+    assert {"model.safetensors", "vocabulary.json", "medians.json", "trainer_state.pt"} <= {p.name for p in out.iterdir()}
+
+
+def test_bad_input_exits_2_and_leaves_checkpoints_alone(pbmc_shards, tmp_path, capsys):
+    out = tmp_path / "model"
+    assert _exit_code(["pretrain", str(pbmc_shards), "--out", str(out), "--max-steps", "2",
+                       "--tokens-per-batch", "1024", "--quiet"]) in (0, None)
+    snapshot = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    # V1 shards, V2-sized model.
+    assert _exit_code(["pretrain", str(pbmc_shards), "--out", str(tmp_path / "x"), "--preset", "geneformer-v2-104m"]) == 2
+    assert "25,426 tokens but preset geneformer-v2-104m has 20,275" in capsys.readouterr().err
+    # Shards with another vocabulary, continuing our model (by --from and by --resume).
+    rng = np.random.default_rng(0)
+    other = write_shards(tmp_path / "other", [[rng.permutation(np.arange(2, 64))[:20] for _ in range(10)]])
+    assert _exit_code(["pretrain", str(other), "--out", str(tmp_path / "y"), "--from", str(out)]) == 2
+    assert _exit_code(["pretrain", str(other), "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 2 and "Traceback" not in err
+    # Same vocabulary size, different content: caught by the vocabulary hash.
+    same_size = write_shards(tmp_path / "same_size", [[rng.permutation(np.arange(2, 25426))[:20] for _ in range(10)]],
+                             vocab_size=25426)
+    assert _exit_code(["pretrain", str(same_size), "--out", str(out), "--resume"]) == 2
+    assert "different vocabulary" in capsys.readouterr().err
+    # Without --resume an existing model is never overwritten.
+    assert _exit_code(["pretrain", str(pbmc_shards), "--out", str(out), "--max-steps", "2"]) == 2
+    assert "already holds a model" in capsys.readouterr().err
+    # An empty shard directory; a --from directory without config.json.
+    (tmp_path / "empty").mkdir()
+    assert _exit_code(["pretrain", str(tmp_path / "empty"), "--out", str(tmp_path / "z")]) == 2
+    assert _exit_code(["pretrain", str(pbmc_shards), "--out", str(tmp_path / "z"), "--from", str(tmp_path / "empty")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == snapshot
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
