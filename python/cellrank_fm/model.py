@@ -17,8 +17,8 @@ so no compute is spent on padding outside attention. Attention then runs as:
   length-grouped, so that padding is small.
 
 The varlen kernel has no attention-probability dropout; with `attention_probs_dropout_prob > 0`
-training on the varlen path skips that dropout (hidden-state dropout still applies). Pass
-`attn_impl="sdpa"` to a model to force the padded path.
+training on the varlen path skips that dropout (hidden-state dropout still applies). Call
+`model.set_attn_impl("sdpa")` to force the padded path.
 """
 
 from __future__ import annotations
