@@ -138,3 +138,19 @@ def test_float_values_warn_unless_allowed(env, tmp_path):
     assert "are not integers" in proc.stderr and "--allow-float" in proc.stderr
     proc = _tokenize(d, tmp_path / "tpm.h5ad", tmp_path / "out2", "--allow-float")
     assert proc.returncode == 0 and "not integers" not in proc.stderr
+
+
+@pytest.mark.parametrize("bad, said", [(-3.0, "negative or NaN"), (np.inf, "infinite")])
+def test_medians_name_the_cell_with_a_bad_value(env, tmp_path, bad, said):
+    d, dense = env
+    values = dense.copy()
+    values[[3, 7], 0] = 0  # a filtered-out row before the bad one: the cell named is still the input's row
+    values[7, 4] = bad
+    import pandas as pd
+
+    obs = pd.DataFrame({"filter_pass": [0 if i == 2 else 1 for i in range(len(values))]},
+                       index=[f"c{i}" for i in range(len(values))])
+    _h5ad(tmp_path / "bad.h5ad", values, obs=obs)
+    proc = _cellrank("medians", tmp_path / "bad.h5ad", "--vocab", d / "vocab.json", "--out", tmp_path / "m.json", "--quiet")
+    _assert_user_error(proc, f"cell 7 (c7) has {'an' if said == 'infinite' else 'a'} {said} count")
+    assert not (tmp_path / "m.json").exists()

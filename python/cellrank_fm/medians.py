@@ -17,7 +17,7 @@ import numpy as np
 from cellrank_fm.errors import UserError, atomic_path
 from cellrank_fm.genes import build_plan, load_mapping, resolve_label
 from cellrank_fm.readers import expand_inputs, open_input
-from cellrank_fm.tokenize import DEFAULT_CHUNK_CELLS, chunk_counts, gene_labels, obs_flags
+from cellrank_fm.tokenize import DEFAULT_CHUNK_CELLS, bad_value_error, chunk_counts, gene_labels, obs_flags
 from cellrank_fm.vocab import load_vocabulary, save_json_mapping
 
 SKETCH_MAGIC = b"CELLRANK-MEDIAN-SKETCH-1\n"
@@ -81,10 +81,14 @@ def compute_medians(
                     chunk = reader.read(start, min(reader.n_rows, start + step), obs)
                     n_counts, keep = chunk_counts(chunk, reader, has_n, has_f)
                     indptr, indices, data = chunk.indptr, chunk.indices, chunk.data
+                    rows = None
                     if keep is not None and not keep.all():
                         indptr, indices, data, n_counts = _rows(chunk, keep, n_counts)
-                    _check_values(data, reader.path, chunk.start)
-                    sketch.update(indptr, indices, data, n_counts, plan.col_token)
+                        rows = np.flatnonzero(keep)
+                    try:
+                        sketch.update(indptr, indices, data, n_counts, plan.col_token)
+                    except ValueError as err:
+                        raise bad_value_error(err, str(reader.path), chunk, rows) from None
                     cells += len(indptr) - 1
                     bar.advance(task, chunk.n_rows)
     finally:
@@ -106,13 +110,6 @@ def _rows(chunk, keep, n_counts):
     indptr = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
     np.cumsum(lengths[keep], out=indptr[1:])
     return indptr, chunk.indices[entries], chunk.data[entries], (n_counts[keep] if n_counts is not None else None)
-
-
-def _check_values(data, path, start) -> None:
-    if data.dtype.kind == "f" and (np.isnan(data).any() or (data < 0).any()):
-        raise UserError(f"{path}: a cell at or after row {start} has a negative or NaN count; cellrank expects raw counts")
-    if data.dtype.kind == "i" and (data < 0).any():
-        raise UserError(f"{path}: a cell at or after row {start} has a negative count; cellrank expects raw counts")
 
 
 def _medians_dict(sketch, genes: list[str]) -> dict[str, float]:

@@ -179,7 +179,8 @@ def row_totals(chunk: Chunk, exclude: np.ndarray | None = None) -> np.ndarray:
         data = np.where(exclude[chunk.indices], 0.0, data)
     cs = np.concatenate([[0.0], np.cumsum(data)])
     base = chunk.indptr - chunk.indptr[0]
-    return cs[base[1:]] - cs[base[:-1]]
+    with np.errstate(invalid="ignore"):  # inf counts give NaN totals here; the core names the cell
+        return cs[base[1:]] - cs[base[:-1]]
 
 
 def chunk_counts(chunk: Chunk, reader: MatrixReader, has_n_counts: bool, has_filter: bool):
@@ -212,14 +213,23 @@ def run_core(chunk: Chunk, plan: ColumnPlan, n_counts, max_genes: int, prefix: i
             max_genes, prefix, suffix,
         )
     except ValueError as err:
-        m = _CORE_ROW_ERROR.search(str(err))
-        if m is None:
-            raise
-        r = int(m.group(1))
-        raise UserError(
-            f"{source}: cell {chunk.start + r} ({chunk.cell_ids[r]}) has a negative or NaN count "
-            f"in column {int(m.group(2))}; cellrank expects raw, non-negative counts"
-        ) from None
+        raise bad_value_error(err, source, chunk) from None
+
+
+def bad_value_error(err: ValueError, source: str, chunk: Chunk, rows: np.ndarray | None = None) -> Exception:
+    """The core's "row R column C has a negative or NaN value" as a user error naming the cell.
+
+    `rows` maps the rows the core saw to the chunk's rows when some were filtered out first.
+    """
+    m = _CORE_ROW_ERROR.search(str(err))
+    if m is None:
+        return err
+    r = int(m.group(1)) if rows is None else int(rows[int(m.group(1))])
+    what = "an infinite" if "infinite" in str(err) else "a negative or NaN"
+    return UserError(
+        f"{source}: cell {chunk.start + r} ({chunk.cell_ids[r]}) has {what} count in column "
+        f"{int(m.group(2))}; cellrank expects raw, non-negative counts"
+    )
 
 
 def _model_tokens(settings_version: str, vocabulary: Mapping[str, int]) -> tuple[int, int, int, dict]:
