@@ -22,15 +22,16 @@ from cellrank_fm.errors import UserError
 class DemoSize:
     """How big the demo corpus and model runs are (the defaults finish in minutes on 2 cores)."""
 
-    cells: int = 2400
-    genes: int = 600
-    pretrain_steps: int = 150
-    finetune_epochs: float = 4.0
+    cells: int = 2000
+    genes: int = 400
+    genes_per_cell: int = 128
+    pretrain_steps: int = 200
+    finetune_epochs: float = 3.0
     explain_cells_per_class: int = 6
-    perturb_cells: int = 60
+    perturb_cells: int = 40
 
 
-QUICK = DemoSize(cells=600, genes=400, pretrain_steps=20, finetune_epochs=2.0,
+QUICK = DemoSize(cells=600, genes=400, genes_per_cell=64, pretrain_steps=30, finetune_epochs=3.0,
                  explain_cells_per_class=2, perturb_cells=16)
 
 
@@ -38,9 +39,11 @@ def _run(args: list[str], log: list[str]) -> None:
     """Run one `cellrank` command in this process, exactly as a user would type it."""
     from cellrank_fm.cli import app
 
-    log.append("cellrank " + " ".join(args))
-    print(f"\n$ {log[-1]}", flush=True)
+    command = "cellrank " + " ".join(args)
+    print(f"\n$ {command}", flush=True)
+    started = time.perf_counter()
     app(args=args, standalone_mode=False)
+    log.append(f"{command}    # {time.perf_counter() - started:.0f} s")
 
 
 def run_demo(out: str | Path, *, seed: int = 0, size: DemoSize = DemoSize(), quiet: bool = False) -> Path:
@@ -68,18 +71,20 @@ def run_demo(out: str | Path, *, seed: int = 0, size: DemoSize = DemoSize(), qui
     # 2-3. Medians from the corpus itself, then rank-value tokens through the Rust core.
     _run(["medians", str(corpus), "--vocab", str(out / "vocabulary.json"), "--out", str(out / "medians.json"), *q], log)
     _run(["tokenize", str(corpus), "--out", str(out / "shards"), "--vocab", str(out / "vocabulary.json"),
-          "--medians", str(out / "medians.json"), "--keep-obs", "cell_state,condition,donor", *q], log)
+          "--medians", str(out / "medians.json"), "--model-input-size", str(size.genes_per_cell),
+          "--keep-obs", "cell_state,condition,donor", *q], log)
 
     # 4. Masked-gene pretraining of a tiny model.
     _run(["pretrain", str(out / "shards"), "--out", str(out / "pretrained"), "--preset", "tiny",
-          "--max-steps", str(size.pretrain_steps), "--tokens-per-batch", "16384", "--lr", "2e-3",
+          "--max-steps", str(size.pretrain_steps), "--tokens-per-batch", "8192", "--lr", "2e-3",
           "--seed", str(seed), "--device", "cpu", *q], log)
 
     # 5. Two classifiers from the pretrained model: cell state (explained) and condition
     #    (perturbed), each beside the logistic-regression baseline on the same split.
     for label in ("cell_state", "condition"):
         _run(["finetune", str(out / "shards"), "--label", label, "--from", str(out / "pretrained"),
-              "--out", str(out / f"classifier_{label}"), "--epochs", str(size.finetune_epochs), "--lr", "1e-3",
+              "--out", str(out / f"classifier_{label}"), "--epochs", str(size.finetune_epochs), "--lr", "2e-3",
+              "--tokens-per-batch", "2048",
               "--baseline", "--seed", str(seed), "--device", "cpu", *q], log)
 
     # 6. Which genes decide each state (SHAP over the gene-deletion game).
