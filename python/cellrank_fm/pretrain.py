@@ -230,6 +230,7 @@ def pretrain(
     if not resume and out.exists() and any(out.iterdir()):
         what = "a model" if is_model_dir(out) else "files"
         raise UserError(f"{out} already holds {what}; pass --resume to continue training there or choose another --out.")
+    torch.manual_seed(cfg.seed)  # the initial weights
     model = build_model(shards, out, preset, config, from_dir, resume)
     spec = masking_spec(shards, model.config.vocab_size)
     if val_shards_dir:
