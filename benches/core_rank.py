@@ -12,21 +12,16 @@ rayon's pool size is fixed at first use (RAYON_NUM_THREADS).
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import platform
+import subprocess
 import sys
+import time
 
-# `python benches/x.py` puts benches/ first on sys.path, where benches/tokenize.py would shadow
-# the standard library's tokenize module (used by numpy/scipy imports).
-sys.path = [p for p in sys.path if p not in ("", __file__.rpartition("/")[0] or ".")]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
+import numpy as np
+import scipy.sparse as sp
 
 MAX_GENES = 2048
 CHUNK_ROWS = 2048

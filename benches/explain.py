@@ -22,16 +22,10 @@ of `--e2e-genes` genes with one permutation is timed as well, to check the extra
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
+import time
 
-# benches/ holds a script named like the standard library's `tokenize`; keep it off the path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import argparse  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def main() -> None:
@@ -98,10 +92,9 @@ def main() -> None:
     ours_s, ours_out = timed(ev.logits)
     rows = [("cellrank Evaluator (packed, token-budgeted)", ours_s)]
     if not args.no_peer:
+        from cellrank_fm.checkpoint import state_dict_for_saving
         from transformers import BertConfig
         from transformers import BertForSequenceClassification as HFBert
-
-        from cellrank_fm.checkpoint import state_dict_for_saving
 
         hf_cfg = BertConfig(**{k: v for k, v in cfg.hf_dict(model.architecture).items()
                                if k not in ("architectures", "id2label", "label2id", "num_labels")}, num_labels=2)

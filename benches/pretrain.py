@@ -20,20 +20,14 @@ directory (V1 or V2 vocabulary to match the preset).
 
 from __future__ import annotations
 
+import argparse
 import sys
+import tempfile
+import time
 from pathlib import Path
-
-# Run as a script, benches/ comes first on sys.path, where tokenize.py (the tokenizer bench)
-# would shadow the standard library module that torch imports.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import argparse  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np
 import torch
-
 from cellrank_fm.batching import MaskingSpec, mask_genes, pack, token_budget_batches
 from cellrank_fm.model import BertForMaskedLM, flops_per_token, preset_config
 from cellrank_fm.pretrain import masking_spec

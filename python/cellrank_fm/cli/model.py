@@ -88,5 +88,5 @@ def pretrain(
         f"{last['baseline_overall_accuracy']:.4f})"
     )
     if summary["stopped_early"]:
-        typer.echo(f"stopped after --max-seconds; continue with --resume")
+        typer.echo("stopped after --max-seconds; continue with --resume")
     typer.echo(f"model written to {out}")

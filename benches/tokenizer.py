@@ -1,8 +1,8 @@
 """Tokenizer throughput and peak memory: `cellrank tokenize` end to end, and a NumPy/SciPy peer.
 
     python benches/make_corpus.py --cells 20000 --out /tmp/bench20k/corpus.h5ad
-    python benches/tokenize.py --corpus /tmp/bench20k/corpus.h5ad --peer
-    python benches/tokenize.py --corpus /tmp/bench200k/corpus.h5ad --corpus /tmp/bench1m/corpus.h5ad
+    python benches/tokenizer.py --corpus /tmp/bench20k/corpus.h5ad --peer
+    python benches/tokenizer.py --corpus /tmp/bench200k/corpus.h5ad --corpus /tmp/bench1m/corpus.h5ad
 
 Each run is a separate process; its wall time covers reading the h5ad, tokenizing and writing
 the Parquet shards, and its peak resident memory comes from `os.wait4` (the child's own
@@ -16,18 +16,14 @@ share of cells whose tokens the two produce identically (near ties may swap). CP
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
-
-# This file is named like the standard library's `tokenize`; keep its folder off the import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
 
 MAX_GENES = 2048
 
