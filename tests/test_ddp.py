@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 from cellrank_fm.model import BertForMaskedLM, preset_config
-from cellrank_fm.pretrain import MaskedGeneTask, _model_extra, masking_spec, split_cells
+from cellrank_fm.pretrain import MaskedGeneTask, masking_spec, split_cells
 from cellrank_fm.shards import ShardSet
 from cellrank_fm.train import TrainConfig, train
 from test_shards import write_shards
@@ -21,7 +21,7 @@ def _worker(rank, world, port, shards_dir, out_dir):
     shards = ShardSet(shards_dir)
     train_cells, val_cells = split_cells(shards, 0.1, 100, seed=0)
     task = MaskedGeneTask(shards=shards, train_cells=train_cells, val_shards=shards, val_cells=val_cells,
-                          spec=masking_spec(shards, 64), seed=0, model_extra=_model_extra(shards),
+                          spec=masking_spec(shards, 64), seed=0, model_extra=shards.tokenization(),
                           eval_tokens_per_batch=256)
     plan = task.plan(0, rank, world, 128)
     torch.manual_seed(0)

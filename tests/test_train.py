@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from cellrank_fm.errors import UserError
 from cellrank_fm.model import BertForMaskedLM, preset_config
-from cellrank_fm.pretrain import MaskedGeneTask, _model_extra, masking_spec, split_cells
+from cellrank_fm.pretrain import MaskedGeneTask, masking_spec, split_cells
 from cellrank_fm.shards import ShardSet
 from cellrank_fm.train import TrainConfig, lr_lambda, train
 from test_shards import write_shards
@@ -37,7 +37,7 @@ def _setup(tmp_path, seed=0):
     shards = ShardSet(write_shards(tmp_path / "shards", parts))
     train_cells, val_cells = split_cells(shards, 0.1, 100, seed)
     task = InterruptedTask(shards=shards, train_cells=train_cells, val_shards=shards, val_cells=val_cells,
-                           spec=masking_spec(shards, 64), seed=seed, model_extra=_model_extra(shards),
+                           spec=masking_spec(shards, 64), seed=seed, model_extra=shards.tokenization(),
                            eval_tokens_per_batch=256)
     return task
 

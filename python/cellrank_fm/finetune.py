@@ -62,23 +62,6 @@ class FinetuneOptions:
 # ----------------------------------------------------------------------------- model set-up
 
 
-def model_info(shards) -> dict[str, Any]:
-    """The tokenization facts a model directory records so `predict` can tokenize alike."""
-    from cellrank_fm.vocab import content_sha256
-
-    m = shards.manifest
-    return {
-        "model_version": shards.model_version,
-        "model_input_size": shards.model_input_size,
-        "special_tokens": shards.special_tokens,
-        "vocabulary_sha256": shards.vocab_sha256 or content_sha256(shards.vocabulary),
-        "gene_set": (m.get("gene_set") or None),
-        "gene_id_column": (m.get("settings") or {}).get("gene_id_column"),
-        # Symbol/alias tables the tokenizer used: `predict` resolves new inputs' genes alike.
-        "gene_map": [str(Path(p).resolve()) for p in (m.get("genes") or {}).get("gene_map", []) if Path(p).is_file()],
-    }
-
-
 def gene_set_ids(shards) -> list[str] | None:
     """The gene IDs a gene-set tokenization kept (re-resolved from the recorded source), or None."""
     info = shards.manifest.get("gene_set")
@@ -293,7 +276,7 @@ def finetune_cells(shard_dir: str | Path, out: str | Path, opts: FinetuneOptions
     model = build_classifier(shards, len(split.classes), opts)
     codes_train = np.array([split.classes.index(x) for x in split.labels[split.train]])
     weights = class_weights_for(codes_train, len(split.classes)) if opts.class_weight else None
-    info = {**model_info(shards), "label_column": opts.label, "trained_on": str(shard_dir)}
+    info = {**shards.tokenization(), "label_column": opts.label}
 
     def save_model(m, directory: Path, extra: dict) -> None:
         save_model_dir(m, directory, shards.vocabulary, shards.medians, shards.symbols,

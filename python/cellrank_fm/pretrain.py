@@ -158,18 +158,6 @@ class MaskedGeneTask:
         )
 
 
-def _model_extra(shards: ShardSet) -> dict[str, Any]:
-    return {
-        "task": "masked-gene",
-        "model_version": shards.model_version,
-        "model_input_size": shards.model_input_size,
-        "special_tokens": shards.special_tokens,
-        "vocabulary_sha256": shards.vocab_sha256,
-        "medians_sha256": (shards.manifest.get("medians") or {}).get("sha256"),
-        "trained_on": str(shards.path),
-    }
-
-
 def build_model(
     shards: ShardSet, out: Path, preset: str | None, config: str | None, from_dir: str | None, resume: bool
 ) -> BertForMaskedLM:
@@ -244,7 +232,7 @@ def pretrain(
         raise UserError("validation needs at least one cell; raise --val-fraction or pass --val.")
     task = MaskedGeneTask(
         shards=shards, train_cells=train_cells, val_shards=val_shards, val_cells=val_cells, spec=spec,
-        seed=cfg.seed, model_extra=_model_extra(shards), eval_tokens_per_batch=cfg.tokens_per_batch,
+        seed=cfg.seed, model_extra={"task": "masked-gene", **shards.tokenization()}, eval_tokens_per_batch=cfg.tokens_per_batch,
     )
     created = not out.exists()
     try:

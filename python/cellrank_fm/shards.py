@@ -99,6 +99,25 @@ class ShardSet:
     def symbols(self) -> dict[str, str]:
         return self._json("symbols.json", required=False)
 
+    def tokenization(self) -> dict[str, Any]:
+        """How these cells were tokenized, for a model directory's `config.json` ("cellrank" block):
+        `predict`, `embed` and `explain` tokenize new inputs the same way from it."""
+        from cellrank_fm.vocab import content_sha256
+
+        m = self.manifest
+        return {
+            "model_version": self.model_version,
+            "model_input_size": self.model_input_size,
+            "special_tokens": self.special_tokens,
+            "vocabulary_sha256": self.vocab_sha256 or content_sha256(self.vocabulary),
+            "medians_sha256": (m.get("medians") or {}).get("sha256"),
+            "gene_set": m.get("gene_set") or None,
+            "gene_id_column": (m.get("settings") or {}).get("gene_id_column"),
+            # Symbol/alias tables the tokenizer used, so symbol-named inputs resolve alike.
+            "gene_map": [str(Path(p).resolve()) for p in (m.get("genes") or {}).get("gene_map", []) if Path(p).is_file()],
+            "trained_on": str(self.path),
+        }
+
     # ---- columns
 
     @cached_property
