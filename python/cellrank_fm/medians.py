@@ -17,7 +17,14 @@ import numpy as np
 from cellrank_fm.errors import UserError, atomic_path
 from cellrank_fm.genes import build_plan, load_mapping, resolve_label
 from cellrank_fm.readers import expand_inputs, open_input
-from cellrank_fm.tokenize import DEFAULT_CHUNK_CELLS, bad_value_error, chunk_counts, gene_labels, obs_flags
+from cellrank_fm.tokenize import (
+    DEFAULT_CHUNK_CELLS,
+    bad_value_error,
+    chunk_counts,
+    gene_labels,
+    keep_freed_memory,
+    obs_flags,
+)
 from cellrank_fm.vocab import load_vocabulary, save_json_mapping
 
 SKETCH_MAGIC = b"CELLRANK-MEDIAN-SKETCH-1\n"
@@ -57,6 +64,7 @@ def compute_medians(
 
     if out is None and sketch_out is None:
         raise UserError("give --out for the medians, --sketch-out for a sketch, or both")
+    keep_freed_memory()
     paths = expand_inputs(inputs)
     vocab = load_vocabulary(vocab_path) if vocab_path else None
     mapping = load_mapping(list(mapping_paths)) if mapping_paths else None
