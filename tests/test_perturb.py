@@ -76,3 +76,10 @@ def test_perturb_bad_input(condition_model, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     gid = next(g for g in lm.vocabulary if g.startswith("ENSG"))
     assert resolve_genes([gid.lower() + ".7"], lm.vocabulary, None) == [gid]
+
+
+def test_symbols_resolve_through_vocabulary_ids_only():
+    vocab = {"<pad>": 0, "<mask>": 1, "ENSG00000187608": 2}
+    # An input whose var_names are symbols maps each symbol to itself; that must not hide the real ID.
+    symbols = {"ISG15": "ISG15", "ENSG00000187608": "ISG15"}
+    assert resolve_genes(["isg15"], vocab, symbols) == ["ENSG00000187608"]

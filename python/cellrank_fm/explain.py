@@ -95,7 +95,8 @@ def load_cells(path: str | Path, lm) -> Cells:
 
     res = tokenize_in_memory(
         str(path), lm.vocabulary, lm.medians, model_version=lm.model_version,
-        model_input_size=lm.model_input_size, gene_id_column=lm.gene_id_column, gene_set=lm.gene_set,
+        model_input_size=lm.model_input_size, gene_id_column=_id_column(path, lm.gene_id_column),
+        mapping=lm.mapping, gene_set=lm.gene_set,
     )
     keep = np.flatnonzero(res.ok)
     if len(keep) == 0:
@@ -104,7 +105,14 @@ def load_cells(path: str | Path, lm) -> Cells:
                  obs=res.obs.iloc[keep])
 
 
-SYMBOL_COLUMNS = ("gene_symbol", "gene_symbols", "symbol", "feature_name", "gene_name")
+def _id_column(path: Path, column: str | None) -> str | None:
+    """The training input's gene-ID column if this input has it too, else None (var_names)."""
+    if column is None or path.suffix != ".h5ad":
+        return column
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return column if column in f["var"] else None
 
 
 def input_symbols(path: str | Path, gene_id_column: str | None = None) -> dict[str, str]:
@@ -118,6 +126,8 @@ def input_symbols(path: str | Path, gene_id_column: str | None = None) -> dict[s
     try:
         var = adata.var
         ids = var[gene_id_column] if gene_id_column and gene_id_column in var else var.index.to_series()
+        from cellrank_fm.tokenize import SYMBOL_COLUMNS
+
         for col in SYMBOL_COLUMNS:
             if col in var.columns:
                 return {str(i).upper().split(".")[0]: str(s) for i, s in zip(ids, var[col]) if str(i) and str(s)}

@@ -40,7 +40,8 @@ def resolve_genes(names: Sequence[str], vocabulary: dict[str, int], symbols: dic
     """Ensembl IDs (any case, version suffix ignored) or symbols → vocabulary gene IDs."""
     by_symbol: dict[str, str] = {}
     for gid, sym in (symbols or {}).items():
-        by_symbol.setdefault(str(sym).upper(), gid)
+        if gid in vocabulary:  # an input's var may also map symbols to themselves
+            by_symbol.setdefault(str(sym).upper(), gid)
     out, missing = [], []
     for name in names:
         key = name.strip()
