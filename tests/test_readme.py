@@ -56,11 +56,12 @@ def faster(code: str) -> str:
     return code
 
 
-def test_ci_runs_the_readme_test_command():
+def test_ci_runs_the_readme_quick_start_commands():
     readme = README.read_text()
     ci = (REPO / ".ci" / "run").read_text()
-    command = re.search(r"TEST_COMMAND='(.*)'", ci).group(1)
-    assert f"```\n{command}\n```" in readme
+    for name in ("TEST_COMMAND", "DEMO_COMMAND"):
+        command = re.search(rf"{name}='(.*)'", ci).group(1)
+        assert f"```\n{command}\n```" in readme, name
 
 
 def test_every_command_has_a_test_for_its_file_names():
