@@ -549,7 +549,7 @@ def _safe(name: str) -> str:
 
 def plot_importance(result: ExplainResult, out_dir: Path, top: int = 20) -> list[Path]:
     """Top genes per class (bars), a beeswarm per class and a class × gene heatmap."""
-    from cellrank_fm.plots import _figure, bar_png
+    from cellrank_fm.plots import png_figure, bar_png
 
     imp = result.importance
     written = []
@@ -561,10 +561,10 @@ def plot_importance(result: ExplainResult, out_dir: Path, top: int = 20) -> list
                 title=f"{cls}: top genes by mean |SHAP| ({result.method})", xlabel="mean |SHAP| (logit)")
         written.append(path)
         path = out_dir / f"beeswarm_{_safe(cls)}.png"
-        _beeswarm(result, cls, list(sub["gene_id"]), list(sub["gene_symbol"]), path, _figure)
+        _beeswarm(result, cls, list(sub["gene_id"]), list(sub["gene_symbol"]), path, png_figure)
         written.append(path)
     path = out_dir / "heatmap.png"
-    _heatmap(imp, classes, max(3, min(10, top)), path, _figure)
+    _heatmap(imp, classes, max(3, min(10, top)), path, png_figure)
     written.append(path)
     return written
 

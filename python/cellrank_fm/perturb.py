@@ -232,7 +232,7 @@ def write_outputs(result: PerturbResult, out_dir: str | Path, top: int = 20) -> 
 
 def plot_shifts(result: PerturbResult, path: Path, top: int = 20) -> None:
     """Volcano: mean shift toward the goal vs −log10 FDR; the `top` strongest genes labelled."""
-    from cellrank_fm.plots import _figure
+    from cellrank_fm.plots import png_figure
 
     t = result.genes
     fdr = t["fdr"].fillna(1.0).clip(lower=1e-300).to_numpy()
@@ -240,7 +240,7 @@ def plot_shifts(result: PerturbResult, path: Path, top: int = 20) -> None:
     x = t["mean_shift_goal"].to_numpy()
     sig = fdr < 0.05
     s = result.settings
-    with _figure(path, size=(7, 5)) as (fig, ax):
+    with png_figure(path, size=(7, 5)) as (fig, ax):
         ax.scatter(x[~sig], y[~sig], s=8, color="#bbbbbb", linewidths=0, label="FDR ≥ 0.05")
         ax.scatter(x[sig], y[sig], s=12, color="#cc3311", linewidths=0, label="FDR < 0.05")
         ax.axhline(-np.log10(0.05), color="grey", linestyle="--", linewidth=0.7)

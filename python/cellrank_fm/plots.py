@@ -11,7 +11,7 @@ from cellrank_fm.errors import atomic_path
 
 
 @contextmanager
-def _figure(path: str | Path, size=(6, 5), dpi: int = 150):
+def png_figure(path: str | Path, size=(6, 5), dpi: int = 150):
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -34,7 +34,7 @@ def confusion_matrix_png(cm, classes: list[str], path: str | Path, title: str = 
     frac = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
     k = len(classes)
     side = max(4.0, 0.5 * k + 2.5)
-    with _figure(path, size=(side + 1, side)) as (fig, ax):
+    with png_figure(path, size=(side + 1, side)) as (fig, ax):
         im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
         ax.set_xticks(range(k), classes, rotation=45 if k > 3 else 0, ha="right" if k > 3 else "center")
         ax.set_yticks(range(k), classes)
@@ -53,7 +53,7 @@ def confusion_matrix_png(cm, classes: list[str], path: str | Path, title: str = 
 def scatter_png(coords, values, path: str | Path, title: str = "", legend_title: str = "") -> None:
     """2-D embedding (e.g. UMAP) coloured by a categorical or numeric column."""
     coords = np.asarray(coords)
-    with _figure(path, size=(7, 6)) as (fig, ax):
+    with png_figure(path, size=(7, 6)) as (fig, ax):
         size = max(1.0, min(20.0, 20000 / max(len(coords), 1)))
         if values is None:
             ax.scatter(coords[:, 0], coords[:, 1], s=size, linewidths=0)
@@ -88,7 +88,7 @@ def scatter_png(coords, values, path: str | Path, title: str = "", legend_title:
 
 def roc_png(curves: list[tuple[np.ndarray, np.ndarray, str]], path: str | Path, title: str = "") -> None:
     """ROC curves: a list of (false positive rate, true positive rate, legend label)."""
-    with _figure(path, size=(5.5, 5)) as (fig, ax):
+    with png_figure(path, size=(5.5, 5)) as (fig, ax):
         for fpr, tpr, label in curves:
             ax.plot(fpr, tpr, label=label, linewidth=1.2)
         ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8)
@@ -103,7 +103,7 @@ def bar_png(names: list[str], values, path: str | Path, title: str = "", xlabel:
             errors=None) -> None:
     """Horizontal bars, first name on top (e.g. genes ranked by importance)."""
     values = np.asarray(values, dtype=float)
-    with _figure(path, size=(6, max(3.0, 0.28 * len(names) + 1.2))) as (fig, ax):
+    with png_figure(path, size=(6, max(3.0, 0.28 * len(names) + 1.2))) as (fig, ax):
         y = np.arange(len(names))[::-1]
         ax.barh(y, values, xerr=errors, color="#4477aa")
         ax.set_yticks(y, names, fontsize=8)
@@ -115,7 +115,7 @@ def bar_png(names: list[str], values, path: str | Path, title: str = "", xlabel:
 def curve_png(series: dict[str, tuple[list, list]], path: str | Path, xlabel: str = "step",
               ylabel: str = "", title: str = "") -> None:
     """Line plot of named (x, y) series, e.g. validation macro-F1 per evaluation."""
-    with _figure(path, size=(6, 4)) as (fig, ax):
+    with png_figure(path, size=(6, 4)) as (fig, ax):
         for name, (x, y) in series.items():
             ax.plot(x, y, marker="o", markersize=3, label=name)
         ax.set_xlabel(xlabel)
