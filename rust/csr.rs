@@ -157,6 +157,18 @@ fn is_integral(x: f64) -> bool {
     x >= 4_503_599_627_370_496.0 || (x as i64) as f64 == x
 }
 
+/// A stored column index as i64, or an error naming the row when it is out of range.
+#[inline(always)]
+fn check_column<I: Index>(row: usize, c: I, n_cols: u64) -> Result<i64, CoreError> {
+    let c = c.to_i64();
+    if c < 0 || c as u64 >= n_cols {
+        return Err(CoreError::Invalid(format!(
+            "row {row} has column index {c} but there are only {n_cols} columns"
+        )));
+    }
+    Ok(c)
+}
+
 /// One stored value as f64, or the error naming its chunk row and column when it is negative,
 /// NaN or infinite. Non-integer values are added to `nonint`.
 #[inline(always)]
@@ -192,12 +204,7 @@ pub fn check_row<I: Index, V: Count>(
     let mut prev = -1i64;
     let mut increasing = true;
     for (&c, &x) in idx.iter().zip(dat) {
-        let c = c.to_i64();
-        if c < 0 || c as u64 >= n_cols as u64 {
-            return Err(CoreError::Invalid(format!(
-                "row {row} has column index {c} but there are only {n_cols} columns"
-            )));
-        }
+        let c = check_column(row, c, n_cols as u64)?;
         increasing &= c > prev;
         prev = c;
         let xf = check_value(row, c, x, nonint)?;
@@ -282,12 +289,7 @@ impl RowScan {
         let mut prev = -1i64;
         let mut increasing = true;
         for (&c, &x) in idx.iter().zip(dat) {
-            let c = c.to_i64();
-            if c < 0 || c as u64 >= n_cols {
-                return Err(CoreError::Invalid(format!(
-                    "row {row} has column index {c} but there are only {n_cols} columns"
-                )));
-            }
+            let c = check_column(row, c, n_cols)?;
             increasing &= c > prev;
             prev = c;
             let xf = check_value(row, c, x, nonint)?;
