@@ -190,15 +190,17 @@ fn check_value<V: Count>(row: usize, col: i64, x: V, nonint: &mut u64) -> Result
 }
 
 /// Validates one row (chunk row `row`: column indices in range, no negative, NaN or infinite
-/// value) and returns its sum over all stored values and whether its column indices are
-/// strictly increasing (then no column repeats). Non-integer values are added to `nonint`.
-#[inline]
+/// value), hands each stored `(column, value)` to `each`, and returns the row's sum over all
+/// stored values and whether its column indices are strictly increasing (then no column
+/// repeats). Non-integer values are added to `nonint`.
+#[inline(always)]
 pub fn check_row<I: Index, V: Count>(
     row: usize,
     idx: &[I],
     dat: &[V],
     n_cols: usize,
     nonint: &mut u64,
+    mut each: impl FnMut(usize, f64),
 ) -> Result<(f64, bool), CoreError> {
     let mut sum = 0.0f64;
     let mut prev = -1i64;
@@ -209,6 +211,7 @@ pub fn check_row<I: Index, V: Count>(
         prev = c;
         let xf = check_value(row, c, x, nonint)?;
         sum += xf;
+        each(c as usize, xf);
     }
     Ok((sum, increasing))
 }

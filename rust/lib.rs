@@ -5,6 +5,7 @@ pub mod csr;
 pub mod medians;
 pub mod rank;
 pub mod shard;
+pub mod token_column;
 
 #[cfg(feature = "python")]
 mod python {

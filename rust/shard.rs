@@ -1,20 +1,21 @@
-//! Token shard writer: Parquet (zstd) parts written by a background thread.
+//! Token shard writer: Parquet parts written by a background thread.
 //!
-//! The caller validates and copies each chunk into an Arrow record batch, then hands it over a
-//! bounded channel, so the next chunk can be tokenized while this one is encoded and
-//! compressed. A part is written as `.part-NNNNN.parquet.tmp` and renamed to
+//! The caller validates and copies each chunk (tokens and offsets, plus an Arrow record batch
+//! of the other columns), then hands it over a bounded channel, so the next chunk can be
+//! tokenized while this one is encoded. `input_ids` is encoded by `token_column`; the other
+//! columns by the Arrow writer, with zstd. A part is written as `.part-NNNNN.parquet.tmp` and renamed to
 //! `part-NNNNN.parquet` only once complete (after an fsync), so a crash never leaves a file
 //! that looks whole. An error on the thread is reported by the next call (or `finish`).
 
-use arrow_array::{
-    ArrayRef, BooleanArray, Float64Array, Int64Array, ListArray, RecordBatch, StringArray, UInt16Array,
-    UInt32Array,
-};
-use arrow_buffer::OffsetBuffer;
+use crate::token_column;
+use arrow_array::{ArrayRef, BooleanArray, Float64Array, Int64Array, StringArray, UInt32Array};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
-use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_writer::{compute_leaves, ArrowRowGroupWriterFactory};
+use parquet::arrow::{add_encoded_arrow_schema_to_metadata, ArrowSchemaConverter};
 use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
+use parquet::file::properties::{WriterProperties, WriterPropertiesPtr};
+use parquet::file::writer::SerializedFileWriter;
+use parquet::schema::types::SchemaDescPtr;
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -127,9 +128,22 @@ impl ShardError {
     }
 }
 
+/// A chunk's tokens, owned by the writer thread.
+enum Tokens {
+    U16(Vec<u16>),
+    U32(Vec<u32>),
+}
+
+/// One row group: tokens with offsets from 0, and the other columns in schema order.
+struct Batch {
+    tokens: Tokens,
+    offsets: Vec<i32>,
+    columns: Vec<ArrayRef>,
+}
+
 enum Msg {
     Begin(u32),
-    Batch(RecordBatch),
+    Batch(Batch),
     End,
 }
 
@@ -142,7 +156,6 @@ fn temp_name(index: u32) -> String {
 }
 
 pub struct ShardWriter {
-    schema: SchemaRef,
     token_type: TokenType,
     meta_schema: Vec<(String, MetaKind)>,
     tx: Option<SyncSender<Msg>>,
@@ -188,18 +201,25 @@ impl ShardWriter {
         }
         let schema: SchemaRef = Arc::new(Schema::new(fields));
         fs::create_dir_all(out_dir).map_err(|e| ShardError::Io(format!("cannot create {}: {e}", out_dir.display())))?;
-        let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(level))
-            .set_max_row_group_row_count(None) // one row group per write: `flush` ends it
-            .build();
+        let mut props = WriterProperties::builder().set_compression(Compression::ZSTD(level)).build();
+        add_encoded_arrow_schema_to_metadata(&schema, &mut props);
+        let layout = Layout {
+            parquet: Arc::new(
+                ArrowSchemaConverter::new()
+                    .convert(&schema)
+                    .map_err(|e| format!("cannot map the shard schema to Parquet: {e}"))?,
+            ),
+            arrow: schema.clone(),
+            props: Arc::new(props),
+        };
         let (tx, rx) = sync_channel(QUEUE_DEPTH);
         let error = Arc::new(Mutex::new(None));
         let thread = {
-            let (dir, schema, error) = (out_dir.to_path_buf(), schema.clone(), error.clone());
+            let (dir, error) = (out_dir.to_path_buf(), error.clone());
             std::thread::Builder::new()
                 .name("cellrank-shard-writer".into())
                 .spawn(move || {
-                    let result = writer_loop(&dir, schema, props, rx);
+                    let result = writer_loop(&dir, &layout, rx);
                     if let Err(e) = &result {
                         *error.lock().unwrap() = Some(e.clone());
                     }
@@ -208,7 +228,6 @@ impl ShardWriter {
                 .map_err(|e| ShardError::Io(format!("cannot start the shard writer thread: {e}")))?
         };
         Ok(ShardWriter {
-            schema,
             token_type,
             meta_schema,
             tx: Some(tx),
@@ -268,7 +287,7 @@ impl ShardWriter {
             return Err("no part is open; call begin_part first".into());
         }
         let batch = self.make_batch(tokens, offsets, cell_ids, source, &mut meta)?;
-        if batch.num_rows() == 0 {
+        if batch.offsets.len() == 1 {
             return Ok(());
         }
         self.send(Msg::Batch(batch))
@@ -281,7 +300,7 @@ impl ShardWriter {
         cell_ids: Vec<String>,
         source: &str,
         meta: &mut BTreeMap<String, MetaColumn>,
-    ) -> Result<RecordBatch, String> {
+    ) -> Result<Batch, String> {
         let rows = offsets.len().checked_sub(1).ok_or("offsets must have at least one entry")?;
         let n_tokens = match tokens {
             TokenSlice::U16(t) => t.len(),
@@ -307,27 +326,19 @@ impl ShardWriter {
         if cell_ids.len() != rows {
             return Err(format!("{} cell ids for {rows} rows", cell_ids.len()));
         }
-        let values: ArrayRef = match (self.token_type, tokens) {
-            (TokenType::U16, TokenSlice::U16(t)) => Arc::new(UInt16Array::from(t[..span].to_vec())),
-            (TokenType::U32, TokenSlice::U32(t)) => Arc::new(UInt32Array::from(t[..span].to_vec())),
-            (TokenType::U32, TokenSlice::U16(t)) => {
-                Arc::new(UInt32Array::from(t[..span].iter().map(|&x| x as u32).collect::<Vec<_>>()))
-            }
-            (TokenType::U16, TokenSlice::U32(t)) => {
-                let narrowed: Result<Vec<u16>, _> = t[..span].iter().map(|&x| u16::try_from(x)).collect();
-                Arc::new(UInt16Array::from(
-                    narrowed.map_err(|_| "a token id does not fit the shard's uint16 token type".to_string())?,
-                ))
-            }
+        let tokens = match (self.token_type, tokens) {
+            (TokenType::U16, TokenSlice::U16(t)) => Tokens::U16(t[..span].to_vec()),
+            (TokenType::U32, TokenSlice::U32(t)) => Tokens::U32(t[..span].to_vec()),
+            (TokenType::U32, TokenSlice::U16(t)) => Tokens::U32(t[..span].iter().map(|&x| x as u32).collect()),
+            (TokenType::U16, TokenSlice::U32(t)) => Tokens::U16(
+                t[..span]
+                    .iter()
+                    .map(|&x| u16::try_from(x))
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| "a token id does not fit the shard's uint16 token type".to_string())?,
+            ),
         };
-        let item = match self.schema.field(0).data_type() {
-            DataType::List(f) => f.clone(),
-            _ => unreachable!("input_ids is a list column"),
-        };
-        let input_ids = ListArray::try_new(item, OffsetBuffer::new(rel.into()), values, None)
-            .map_err(|e| format!("cannot build input_ids: {e}"))?;
         let mut columns: Vec<ArrayRef> = vec![
-            Arc::new(input_ids),
             Arc::new(UInt32Array::from(lengths)),
             Arc::new(StringArray::from(cell_ids)),
             Arc::new(StringArray::from(vec![source; rows])),
@@ -346,7 +357,7 @@ impl ShardWriter {
         if let Some(extra) = meta.keys().next() {
             return Err(format!("metadata column {extra:?} is not in the shard's schema"));
         }
-        RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| format!("cannot build a record batch: {e}"))
+        Ok(Batch { tokens, offsets: rel, columns })
     }
 
     /// Completes the open part: the thread closes it and renames it to its final name.
@@ -397,21 +408,66 @@ impl Drop for ShardWriter {
     }
 }
 
+/// Drops a synced part's pages from the page cache: shards are written once and read later,
+/// so a large run should not fill memory with them.
+fn release_cache(file: &File) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid open descriptor; the call only advises the kernel.
+        unsafe {
+            libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = file;
+}
+
+/// The shard schema in both forms, and the writer properties, shared by every part.
+struct Layout {
+    arrow: SchemaRef,
+    parquet: SchemaDescPtr,
+    props: WriterPropertiesPtr,
+}
+
 struct OpenPart {
     index: u32,
     temp: PathBuf,
-    writer: ArrowWriter<File>,
+    writer: SerializedFileWriter<File>,
+    columns: ArrowRowGroupWriterFactory,
+    row_groups: usize,
     rows: u64,
+}
+
+impl OpenPart {
+    /// Writes one row group: `input_ids` from `token_column`, the rest with Arrow's writers.
+    fn write(&mut self, layout: &Layout, batch: Batch) -> parquet::errors::Result<()> {
+        let descr = layout.parquet.column(0);
+        let chunk = match &batch.tokens {
+            Tokens::U16(t) => token_column::encode(descr, t, &batch.offsets)?,
+            Tokens::U32(t) => token_column::encode(descr, t, &batch.offsets)?,
+        };
+        let mut group = self.writer.next_row_group()?;
+        group.append_column(&chunk.bytes, chunk.close)?;
+        // One Arrow writer per leaf; the first is input_ids', written above.
+        let mut writers = self.columns.create_column_writers(self.row_groups)?.into_iter().skip(1);
+        for (field, array) in layout.arrow.fields().iter().skip(1).zip(&batch.columns) {
+            for leaf in compute_leaves(field, array)? {
+                let mut writer = writers.next().expect("one writer per leaf column");
+                writer.write(&leaf)?;
+                writer.close()?.append_to_row_group(&mut group)?;
+            }
+        }
+        group.close()?;
+        self.row_groups += 1;
+        self.rows += batch.offsets.len() as u64 - 1;
+        Ok(())
+    }
 }
 
 /// Runs on the writer thread until the channel closes. Closing with a part still open (abort,
 /// drop, or `finish` without `end_part`) and any error remove that part's temporary file.
-fn writer_loop(
-    dir: &Path,
-    schema: SchemaRef,
-    props: WriterProperties,
-    rx: Receiver<Msg>,
-) -> Result<BTreeMap<u32, u64>, String> {
+fn writer_loop(dir: &Path, layout: &Layout, rx: Receiver<Msg>) -> Result<BTreeMap<u32, u64>, String> {
     let mut done = BTreeMap::new();
     let mut open: Option<OpenPart> = None;
     let result = (|| {
@@ -420,15 +476,14 @@ fn writer_loop(
                 Msg::Begin(index) => {
                     let temp = dir.join(temp_name(index));
                     let file = File::create(&temp).map_err(|e| format!("cannot create {}: {e}", temp.display()))?;
-                    let writer = ArrowWriter::try_new(file, schema.clone(), Some(props.clone()))
+                    let writer = SerializedFileWriter::new(file, layout.parquet.root_schema_ptr(), layout.props.clone())
                         .map_err(|e| format!("cannot start {}: {e}", temp.display()))?;
-                    open = Some(OpenPart { index, temp, writer, rows: 0 });
+                    let columns = ArrowRowGroupWriterFactory::new(&writer, layout.arrow.clone());
+                    open = Some(OpenPart { index, temp, writer, columns, row_groups: 0, rows: 0 });
                 }
                 Msg::Batch(batch) => {
                     let part = open.as_mut().expect("write checks that a part is open");
-                    part.writer.write(&batch).map_err(|e| format!("cannot write {}: {e}", part.temp.display()))?;
-                    part.writer.flush().map_err(|e| format!("cannot write {}: {e}", part.temp.display()))?;
-                    part.rows += batch.num_rows() as u64;
+                    part.write(layout, batch).map_err(|e| format!("cannot write {}: {e}", part.temp.display()))?;
                 }
                 Msg::End => {
                     let part = open.take().expect("end_part checks that a part is open");
@@ -436,6 +491,7 @@ fn writer_loop(
                     let publish = || -> Result<(), String> {
                         let file = part.writer.into_inner().map_err(|e| format!("cannot finish {}: {e}", temp.display()))?;
                         file.sync_all().map_err(|e| format!("cannot sync {}: {e}", temp.display()))?;
+                        release_cache(&file);
                         let fin = dir.join(part_name(part.index));
                         fs::rename(&temp, &fin).map_err(|e| format!("cannot rename {} to {}: {e}", temp.display(), fin.display()))
                     };
@@ -460,7 +516,7 @@ fn writer_loop(
 mod tests {
     use super::*;
     use arrow_array::cast::AsArray;
-    use arrow_array::Array;
+    use arrow_array::{Array, RecordBatch};
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
     fn tempdir(name: &str) -> PathBuf {
@@ -518,6 +574,41 @@ mod tests {
         assert_eq!(b.column(4).as_string::<i32>().value(2), "B");
         assert_eq!(b.column(5).as_primitive::<arrow_array::types::Int64Type>().values().to_vec(), vec![1, 2, 1]);
         assert!(!b.column(6).as_boolean().value(1));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn large_row_groups_span_several_pages_and_wide_tokens_survive() {
+        let dir = tempdir("pages");
+        let mut w = ShardWriter::new(&dir, TokenType::U32, vec![], 1).unwrap();
+        w.begin_part(0).unwrap();
+        // 800 rows of 0..1,500 tokens: ~600k values, so the chunk needs two data pages.
+        let mut rng = 7u64;
+        let mut tokens = Vec::new();
+        let mut offsets = vec![0i64];
+        for r in 0..800u64 {
+            for _ in 0..(r * 37 % 1500) {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                tokens.push((rng % 90_000) as u32);
+            }
+            offsets.push(tokens.len() as i64);
+        }
+        let ids = (0..800).map(|i| format!("c{i}")).collect();
+        w.write(TokenSlice::U32(&tokens), &offsets, ids, "s", BTreeMap::new()).unwrap();
+        w.end_part().unwrap();
+        w.finish().unwrap();
+        let file = File::open(dir.join("part-00000.parquet")).unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file).unwrap().with_batch_size(1000).build().unwrap();
+        let batch = reader.map(|b| b.unwrap()).next().unwrap();
+        let lists = batch.column(0).as_list::<i32>();
+        assert_eq!(lists.len(), 800);
+        for r in 0..800 {
+            let (a, b) = (offsets[r] as usize, offsets[r + 1] as usize);
+            let got = lists.value(r);
+            assert_eq!(got.as_primitive::<arrow_array::types::UInt32Type>().values().to_vec(), tokens[a..b], "row {r}");
+        }
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -197,7 +197,10 @@ def test_shard_writer_round_trip(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00000.parquet"]
     f = pq.ParquetFile(tmp_path / "part-00000.parquet")
     assert f.metadata.num_row_groups == 2
-    assert f.metadata.row_group(0).column(0).compression == "ZSTD"
+    # Tokens: bit-packed dictionary indices, stored uncompressed; the other columns use zstd.
+    tokens_chunk = f.metadata.row_group(0).column(0)
+    assert tokens_chunk.compression == "UNCOMPRESSED" and "RLE_DICTIONARY" in tokens_chunk.encodings
+    assert {f.metadata.row_group(0).column(i).compression for i in range(1, 8)} == {"ZSTD"}
     table = f.read()
     assert table.column_names == ["input_ids", "length", "cell_id", "source", "cell_type", "batch", "score", "ok"]
     assert str(table.schema.field("input_ids").type.value_type) == "uint16"

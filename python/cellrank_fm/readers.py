@@ -217,6 +217,11 @@ class _ContiguousReader:
         got = os.preadv(self.fd, [memoryview(out).cast("B")], self.offset + sl.start * self.dtype.itemsize)
         if got != want:
             raise OSError(f"short read ({got} of {want} bytes)")
+        if hasattr(os, "posix_fadvise"):
+            # Each range is read once: release it from the page cache, so a corpus larger
+            # than memory does not make the kernel reclaim cache page by page (measured: a
+            # quarter more CPU time on a 12 GB corpus with the cache full).
+            os.posix_fadvise(self.fd, self.offset + sl.start * self.dtype.itemsize, want, os.POSIX_FADV_DONTNEED)
         return out
 
 
