@@ -101,9 +101,10 @@ class MedianSketch:
         """Each gene's number of nonzero values."""
 
 class ShardWriter:
-    """Writes token shard parts (Parquet, zstd) from a background thread.
+    """Writes token shard parts (Parquet) from a background thread.
 
-    Columns: ``input_ids`` (list of ``token_type``), ``length`` (uint32), ``cell_id`` (utf8),
+    Columns: ``input_ids`` (list of ``token_type``; dictionary-encoded, uncompressed; each
+    ``write`` is one row group), ``length`` (uint32), ``cell_id`` (utf8),
     ``source`` (utf8), then the ``meta_schema`` columns in order (kinds ``"str"`` (nullable),
     ``"i64"``, ``"f64"``, ``"bool"``). Each part is written as ``.part-NNNNN.parquet.tmp`` and
     renamed to ``part-NNNNN.parquet`` only when complete. ``write`` validates and copies its
@@ -119,7 +120,8 @@ class ShardWriter:
         meta_schema: list[tuple[str, Literal["str", "i64", "f64", "bool"]]],
         zstd_level: int = 3,
     ) -> None:
-        """Create ``out_dir`` if needed and start the writer thread."""
+        """Create ``out_dir`` if needed and start the writer thread (``zstd_level`` applies to
+        every column but ``input_ids``)."""
     def begin_part(self, index: int) -> None:
         """Open ``part-{index:05d}.parquet`` (as its temporary name)."""
     def write(
