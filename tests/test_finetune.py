@@ -128,3 +128,31 @@ def test_gene_classification_cross_validates_over_genes(corpus, tmp_path):
     # background genes better than chance (0.5) even by a model trained from scratch.
     assert m["roc_auc_mean"] > 0.55
     assert (out / "roc.png").is_file()
+
+
+def test_model_dir_carries_the_gene_map(corpus, tmp_path):
+    """Shards tokenized from symbols keep the mapping; the model carries it, so predict resolves
+    symbol-named cells after the mapping file is gone."""
+    tmp, h5ad, adata, vocab, medians = corpus
+    symbols = [f"GENE{i}" for i in range(adata.n_vars)]
+    gene_map = tmp_path / "map.csv"
+    gene_map.write_text("gene_id,symbol\n" + "".join(f"{g},{s}\n" for g, s in zip(adata.var_names, symbols)))
+    named = adata.copy()
+    named.var_names = symbols
+    by_symbol = tmp_path / "symbols.h5ad"
+    named.write_h5ad(by_symbol)
+    main(["tokenize", str(by_symbol), "--out", str(tmp_path / "shards"), "--vocab", str(tmp / "vocab.json"),
+          "--medians", str(tmp / "medians.json"), "--gene-map", str(gene_map), "--keep-obs", "cell_state", "-q"])
+    saved = json.loads((tmp_path / "shards" / "gene_map.json").read_text())
+    assert saved["GENE7"] == adata.var_names[7] and set(saved.values()) <= set(vocab)
+    main(["finetune", str(tmp_path / "shards"), "--label", "cell_state", "--preset", "tiny", "--out",
+          str(tmp_path / "clf"), "--epochs", "1", "--tokens-per-batch", "4096", "--seed", "1", "-q"])
+    assert json.loads((tmp_path / "clf" / "gene_map.json").read_text()) == saved
+    gene_map.unlink()
+    moved = tmp_path / "moved"
+    (tmp_path / "clf").rename(moved)
+    for name, path in [("ids", h5ad), ("symbols", by_symbol)]:
+        main(["predict", str(moved), str(path), "--out", str(tmp_path / f"pred-{name}.h5ad"), "-q"])
+    ids, syms = ad.read_h5ad(tmp_path / "pred-ids.h5ad"), ad.read_h5ad(tmp_path / "pred-symbols.h5ad")
+    assert ids.obs["cellrank_label"].notna().all()
+    np.testing.assert_allclose(syms.obsm["cellrank_proba"], ids.obsm["cellrank_proba"], atol=1e-6)

@@ -6,6 +6,7 @@
     vocabulary.json    token → id the model was trained with
     medians.json       gene → normalisation median (so new data can be tokenized the same way)
     symbols.json       gene → symbol for display (may be partial)
+    gene_map.json      symbol / alias → gene, when the shards were tokenized with --gene-map
     labels.json        classifiers: class names in logit order
 
 Every file is written to a temporary name and renamed into place; files the directory
@@ -41,6 +42,7 @@ class ModelDirInfo:
     medians: dict[str, float] | None = None
     symbols: dict[str, str] | None = None
     labels: list[str] | None = None
+    gene_map: dict[str, str] | None = None
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -63,6 +65,7 @@ def save_model_dir(
     symbols: dict[str, str] | None = None,
     extra_config: dict[str, Any] | None = None,
     labels: list[str] | None = None,
+    gene_map: dict[str, str] | None = None,
 ) -> Path:
     """Write `model` and the tokenization it expects as a model directory (see module doc)."""
     from safetensors.torch import save_file
@@ -87,6 +90,8 @@ def save_model_dir(
         write_json(out / "symbols.json", symbols)
     if labels is not None:
         write_json(out / "labels.json", list(labels))
+    if gene_map:
+        write_json(out / "gene_map.json", gene_map)
     write_json(out / CONFIG, config)  # last: a directory with config.json is complete
     return out
 
@@ -183,6 +188,7 @@ def load_model_dir(path: str | Path, expect: str = "any") -> tuple[_Base, ModelD
         medians=_read_optional_json(path / "medians.json"),
         symbols=_read_optional_json(path / "symbols.json"),
         labels=labels,
+        gene_map=_read_optional_json(path / "gene_map.json"),
     )
     model.eval()
     return model, info

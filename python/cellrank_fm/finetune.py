@@ -280,7 +280,7 @@ def finetune_cells(shard_dir: str | Path, out: str | Path, opts: FinetuneOptions
 
     def save_model(m, directory: Path, extra: dict) -> None:
         save_model_dir(m, directory, shards.vocabulary, shards.medians, shards.symbols,
-                       extra_config={**info, **extra}, labels=list(split.classes))
+                       extra_config={**info, **extra}, labels=list(split.classes), gene_map=shards.gene_map)
         if gene_set is not None:
             write_json(gene_set, directory / GENE_SET_FILE)
 

@@ -64,6 +64,15 @@ class GeneMapping:
         if symbol_ok and nid is None:
             self.symbols.setdefault(target, k)
 
+    def restricted_to(self, genes) -> dict[str, str]:
+        """The entries that land on `genes` (e.g. a vocabulary): what tokenizing needs."""
+        return {k: v for k, v in self.to_id.items() if v in genes}
+
+    @classmethod
+    def from_table(cls, table: dict[str, str], source: str) -> "GeneMapping":
+        """A mapping saved by `restricted_to` (keys already normalised)."""
+        return cls(to_id=dict(table), sources=[source])
+
     def lookup(self, label: str) -> str | None:
         nid = normalise_id(label)
         return self.to_id.get(nid if nid else label.strip().upper())

@@ -40,8 +40,8 @@ def load_for_inference(model_dir: str | Path, expect: str = "any", device: str =
                        gene_id_column: str | None = None, gene_map=()) -> LoadedModel:
     """Load a model directory with what tokenizing new data needs, checking the vocabulary.
 
-    `gene_map`: symbol/alias tables (default: those the model's shards were tokenized with,
-    where they still exist); `gene_id_column`: the var column of the new input holding gene IDs
+    `gene_map`: symbol/alias tables (default: the mapping the model's shards were tokenized
+    with, saved in the model directory); `gene_id_column`: the var column of the new input holding gene IDs
     (default: the one used in training when the input has it, else var_names).
     """
     from cellrank_fm.checkpoint import load_model_dir
@@ -62,12 +62,13 @@ def load_for_inference(model_dir: str | Path, expect: str = "any", device: str =
     gene_set = None
     if (model_dir / GENE_SET_FILE).is_file():
         gene_set = json.loads((model_dir / GENE_SET_FILE).read_text())
-    maps = [str(p) for p in gene_map] or [p for p in ours.get("gene_map", []) if Path(p).is_file()]
-    mapping = None
-    if maps:
-        from cellrank_fm.genes import load_mapping
+    from cellrank_fm.genes import GeneMapping, load_mapping
 
-        mapping = load_mapping(maps)
+    mapping = None
+    if gene_map:
+        mapping = load_mapping([str(p) for p in gene_map])
+    elif info.gene_map:
+        mapping = GeneMapping.from_table(info.gene_map, str(model_dir / "gene_map.json"))
     model.to(pick_device(device))
     model.eval()
     return LoadedModel(model, info, vocab, medians, version, ours.get("model_input_size"), gene_set,

@@ -154,7 +154,7 @@ class MaskedGeneTask:
     def save(self, model, out_dir: Path, extra: dict) -> None:
         save_model_dir(
             model, out_dir, self.shards.vocabulary, self.shards.medians, self.shards.symbols,
-            extra_config={**self.model_extra, **extra},
+            extra_config={**self.model_extra, **extra}, gene_map=self.shards.gene_map,
         )
 
 

@@ -99,6 +99,13 @@ class ShardSet:
     def symbols(self) -> dict[str, str]:
         return self._json("symbols.json", required=False)
 
+    @cached_property
+    def gene_map(self) -> dict[str, str]:
+        """Symbol / alias -> gene as the tokenizer resolved them (empty without --gene-map)."""
+        from cellrank_fm.tokenize import GENE_MAP_FILE
+
+        return self._json(GENE_MAP_FILE, required=False)
+
     def tokenization(self) -> dict[str, Any]:
         """How these cells were tokenized, for a model directory's `config.json` ("cellrank" block):
         `predict`, `embed` and `explain` tokenize new inputs the same way from it."""
@@ -113,8 +120,6 @@ class ShardSet:
             "medians_sha256": (m.get("medians") or {}).get("sha256"),
             "gene_set": m.get("gene_set") or None,
             "gene_id_column": (m.get("settings") or {}).get("gene_id_column"),
-            # Symbol/alias tables the tokenizer used, so symbol-named inputs resolve alike.
-            "gene_map": [str(Path(p).resolve()) for p in (m.get("genes") or {}).get("gene_map", []) if Path(p).is_file()],
             "trained_on": str(self.path),
         }
 

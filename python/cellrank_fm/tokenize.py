@@ -51,6 +51,7 @@ from cellrank_fm.vocab import (
 FORMAT = "cellrank-shards"
 FORMAT_VERSION = 1
 RUN_FILE = ".cellrank-run.json"
+GENE_MAP_FILE = "gene_map.json"  # symbol / alias / old ID -> vocabulary gene, when --gene-map was given
 PROGRESS_FILE = ".cellrank-progress.jsonl"
 # Cells per call into the core. ~2,000 genes per cell keeps a chunk's arrays under glibc's 32 MB
 # mmap threshold, so their memory is reused instead of being mapped and zeroed anew each chunk
@@ -577,6 +578,9 @@ def _tokenize_into(run: _Run, ShardWriter, version: str) -> dict:
     save_json_mapping(dicts.vocabulary, out / "vocabulary.json")
     save_json_mapping(run.medians_used, out / "medians.json")
     save_json_mapping(symbols, out / "symbols.json")
+    if dicts.mapping:
+        # The mapping itself, not a path to it: models trained on these shards carry it along.
+        save_json_mapping(dicts.mapping.restricted_to(dicts.vocabulary), out / GENE_MAP_FILE)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
