@@ -1,9 +1,9 @@
 //! Token shard writer: Parquet parts written by a background thread.
 //!
-//! The caller validates and copies each chunk (tokens and offsets, plus an Arrow record batch
-//! of the other columns), then hands it over a bounded channel, so the next chunk can be
-//! tokenized while this one is encoded. `input_ids` is encoded by `token_column`; the other
-//! columns by the Arrow writer, with zstd. A part is written as `.part-NNNNN.parquet.tmp` and renamed to
+//! The caller validates and copies each chunk (tokens and offsets, plus Arrow arrays of the
+//! other columns), then hands it over a bounded channel, so the next chunk can be tokenized
+//! while this one is encoded. `input_ids` is encoded by `token_column`; the other columns by
+//! the Arrow writer, with zstd. A part is written as `.part-NNNNN.parquet.tmp` and renamed to
 //! `part-NNNNN.parquet` only once complete (after an fsync), so a crash never leaves a file
 //! that looks whole. An error on the thread is reported by the next call (or `finish`).
 

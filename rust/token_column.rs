@@ -22,23 +22,6 @@ use parquet::schema::types::ColumnDescPtr;
 /// Values per data page, about 1 MB of packed tokens; pages end on cell boundaries.
 const PAGE_VALUES: usize = 1 << 19;
 
-/// Token arrays the column holds (`u16` when the vocabulary fits).
-pub trait Token: Copy + Send + Sync + 'static {
-    fn to_u64(self) -> u64;
-}
-impl Token for u16 {
-    #[inline(always)]
-    fn to_u64(self) -> u64 {
-        self as u64
-    }
-}
-impl Token for u32 {
-    #[inline(always)]
-    fn to_u64(self) -> u64 {
-        self as u64
-    }
-}
-
 /// One encoded column chunk, ready for `SerializedRowGroupWriter::append_column`.
 pub struct EncodedChunk {
     pub bytes: Bytes,
@@ -48,24 +31,26 @@ pub struct EncodedChunk {
 /// Encodes `rows` lists (row `r` is `tokens[offsets[r]..offsets[r + 1]]`, offsets starting at
 /// 0) as the chunk of the list leaf column `descr` (max repetition and definition level 1:
 /// a required list of required integers).
-pub fn encode<T: Token>(descr: ColumnDescPtr, tokens: &[T], offsets: &[i32]) -> Result<EncodedChunk> {
+pub fn encode<T: Copy + Into<u64>>(descr: ColumnDescPtr, tokens: &[T], offsets: &[i32]) -> Result<EncodedChunk> {
     let rows = offsets.len() - 1;
-    let max = tokens.iter().map(|t| t.to_u64()).max().unwrap_or(0) as usize;
+    let max = tokens.iter().map(|&t| t.into()).max().unwrap_or(0) as usize;
     // index[t]: the dictionary position of token t (the used tokens, ascending).
     let mut index = vec![u32::MAX; max + 1];
-    for t in tokens {
-        index[t.to_u64() as usize] = 0;
+    for &t in tokens {
+        index[t.into() as usize] = 0;
     }
-    let mut dict = Vec::new();
+    let mut dict = Vec::new(); // PLAIN int32 values (unsigned ids keep their bit pattern)
+    let mut n_dict = 0u32;
     for (t, slot) in index.iter_mut().enumerate() {
         if *slot == 0 {
-            *slot = (dict.len() / 4) as u32;
-            dict.extend_from_slice(&(t as i32).to_le_bytes());
+            *slot = n_dict;
+            n_dict += 1;
+            dict.extend_from_slice(&(t as u32).to_le_bytes());
         }
     }
-    let n_dict = (dict.len() / 4).max(1) as u32;
-    if dict.is_empty() {
-        dict.extend_from_slice(&0i32.to_le_bytes()); // a row group of empty lists still has a dictionary
+    if n_dict == 0 {
+        n_dict = 1; // a row group of empty lists still has a dictionary
+        dict.extend_from_slice(&0u32.to_le_bytes());
     }
     let width = (u32::BITS - (n_dict - 1).leading_zeros()).max(1) as u8;
     let mut sink = TrackedWrite::new(Vec::with_capacity(tokens.len() * width as usize / 8 + dict.len() + 4096));
@@ -78,6 +63,7 @@ pub fn encode<T: Token>(descr: ColumnDescPtr, tokens: &[T], offsets: &[i32]) -> 
         stats.push(PageEncodingStats { page_type: PageType::DICTIONARY_PAGE, encoding: Encoding::PLAIN, count: 1 });
         let mut data_offset = None;
         let mut levels = 0u64;
+        let mut n_pages = 0;
         let mut r0 = 0;
         while r0 < rows {
             // At least one row per page; then whole rows up to the page size.
@@ -99,12 +85,13 @@ pub fn encode<T: Token>(descr: ColumnDescPtr, tokens: &[T], offsets: &[i32]) -> 
             let spec = pages.write_page(CompressedPage::new(page, len))?;
             data_offset.get_or_insert(spec.offset);
             levels += n_levels as u64;
+            n_pages += 1;
             r0 = r1;
         }
         if data_offset.is_none() {
             return Err(parquet::errors::ParquetError::General("a row group needs at least one row".into()));
         }
-        stats.push(PageEncodingStats { page_type: PageType::DATA_PAGE, encoding: Encoding::RLE_DICTIONARY, count: 1 });
+        stats.push(PageEncodingStats { page_type: PageType::DATA_PAGE, encoding: Encoding::RLE_DICTIONARY, count: n_pages });
         (dict_offset, data_offset.unwrap(), levels)
     };
     let total = sink.bytes_written() as i64;
@@ -133,7 +120,7 @@ pub fn encode<T: Token>(descr: ColumnDescPtr, tokens: &[T], offsets: &[i32]) -> 
 /// One v1 data page body: repetition levels, definition levels (each a 4-byte length and
 /// RLE runs of bit width 1), then the bit width and the tokens as one bit-packed run. An
 /// empty list is a single level entry (repetition 0, definition 0) and no value.
-fn data_page<T: Token>(tokens: &[T], index: &[u32], offsets: &[i32], width: u8) -> (Vec<u8>, u32) {
+fn data_page<T: Copy + Into<u64>>(tokens: &[T], index: &[u32], offsets: &[i32], width: u8) -> (Vec<u8>, u32) {
     let (first, last) = (offsets[0] as usize, offsets[offsets.len() - 1] as usize);
     let values = &tokens[first..last];
     let mut rep = Runs::default();
@@ -161,7 +148,7 @@ fn data_page<T: Token>(tokens: &[T], index: &[u32], offsets: &[i32], width: u8) 
     out.push(width);
     if !values.is_empty() {
         varint(&mut out, ((values.len().div_ceil(8) as u64) << 1) | 1);
-        bit_pack(&mut out, values.iter().map(|t| index[t.to_u64() as usize]), width);
+        bit_pack(&mut out, values.iter().map(|&t| index[t.into() as usize]), width);
     }
     (out, n_levels)
 }

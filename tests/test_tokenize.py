@@ -146,13 +146,24 @@ def test_filter_pass_n_counts_keep_obs_and_gene_set(tmp_path):
         tokenize_files([path], tmp_path / "out2", dicts, TokenizeSettings(keep_obs=["donor"]), quiet=True)
 
 
-def test_resume_skips_completed_parts_and_refuses_changed_settings(small, tmp_path):
+def test_resume_skips_completed_parts_and_refuses_changed_settings(small, tmp_path, monkeypatch):
+    import cellrank_fm.tokenize as tokenize
+
     path, dense, labels = small
     dicts = Dictionaries(VOCAB, _medians())
     settings = TokenizeSettings(part_cells=64)
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError, match="test hook"):
-        tokenize_files([path], out, dicts, settings, chunk_cells=32, quiet=True, fail_after_rows=200)
+    ranked = tokenize.run_core
+
+    def interrupted(chunk, *args):
+        if chunk.start >= 224:  # mid-part: rows 192-223 of part 3 are already queued
+            raise KeyboardInterrupt
+        return ranked(chunk, *args)
+
+    monkeypatch.setattr(tokenize, "run_core", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_files([path], out, dicts, settings, chunk_cells=32, quiet=True)
+    monkeypatch.undo()
     assert not (out / "manifest.json").exists()
     done = sorted(p.name for p in out.glob("part-*.parquet"))
     assert done == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]

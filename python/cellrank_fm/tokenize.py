@@ -306,12 +306,10 @@ def tokenize_files(
     resume: bool = False,
     overwrite: bool = False,
     quiet: bool = False,
-    fail_after_rows: int | None = None,
 ) -> dict:
     """Tokenize inputs (files, Matrix Market directories, directories of them) into one shard set.
 
-    Returns the manifest. `fail_after_rows` raises once that many input rows were processed
-    (used by tests to check what an interrupted run leaves behind).
+    Returns the manifest.
     """
     keep_freed_memory()
     from cellrank_fm import __version__
@@ -366,7 +364,7 @@ def tokenize_files(
         _say(f"{out} is already complete ({done['cells']['written']} cells)", quiet)
         return done
     run = _Run(out, plans, dicts, settings, run_record, chunk_cells, max_genes, prefix, suffix, specials,
-               tdtype, medians_used, vocab_sha, medians_sha, meta_schema, warnings_list, quiet, fail_after_rows)
+               tdtype, medians_used, vocab_sha, medians_sha, meta_schema, warnings_list, quiet)
     return _tokenize_into(run, ShardWriter, __version__)
 
 
@@ -456,7 +454,6 @@ class _Run:
     meta_schema: list[tuple[str, str]]
     warnings_list: list[str]
     quiet: bool
-    fail_after_rows: int | None
 
 
 def _tokenize_into(run: _Run, ShardWriter, version: str) -> dict:
@@ -465,7 +462,7 @@ def _tokenize_into(run: _Run, ShardWriter, version: str) -> dict:
     started = time.perf_counter()
     out, plans, dicts, settings, quiet = run.out, run.plans, run.dicts, run.settings, run.quiet
     chunk_cells, max_genes, prefix, suffix = run.chunk_cells, run.max_genes, run.prefix, run.suffix
-    meta_schema, warnings_list, fail_after_rows = run.meta_schema, run.warnings_list, run.fail_after_rows
+    meta_schema, warnings_list = run.meta_schema, run.warnings_list
 
     done = _completed_parts(out)
     for stale in out.glob("part-*.parquet"):
@@ -478,7 +475,6 @@ def _tokenize_into(run: _Run, ShardWriter, version: str) -> dict:
     part_records: dict[int, dict] = dict(done)
     input_stats = []
     part_index = 0
-    rows_seen = 0
     total_rows = sum(p.n_rows for p in plans)
     nonint = nnz = 0
     gene_reports = []
@@ -505,7 +501,6 @@ def _tokenize_into(run: _Run, ShardWriter, version: str) -> dict:
                             stats[k] += rec[k]
                         part_index += 1
                         bar.advance(task, part_stop - part_start)
-                        rows_seen += part_stop - part_start
                         continue
                     rec = {"index": part_index, "file": f"part-{part_index:05d}.parquet", "kept": 0,
                            "filtered_out": 0, "empty": 0, "written": 0}
@@ -538,10 +533,7 @@ def _tokenize_into(run: _Run, ShardWriter, version: str) -> dict:
                                 opened = True
                             writer.write(tokens, offsets, cell_ids, source, meta)
                             rec["written"] += n_kept
-                        rows_seen += stop - start
                         bar.advance(task, stop - start)
-                        if fail_after_rows is not None and rows_seen >= fail_after_rows:
-                            raise RuntimeError(f"interrupted after {rows_seen} rows (test hook)")
                     if opened:
                         writer.end_part()
                     rec["kept"] = rec["written"]
