@@ -122,8 +122,8 @@ def table_from_shards(shard_dir: str | Path) -> CellTable:
 def _tokenizer_genes(shards) -> Callable:
     """Per-column gene IDs as the tokenizer resolved them (None for columns it did not use)."""
     from cellrank_fm.finetune import gene_set_ids
-    from cellrank_fm.genes import GeneMapping
-    from cellrank_fm.tokenize import GENE_MAP_FILE, Dictionaries, plan_for
+    from cellrank_fm.genes import GENE_MAP_FILE, GeneMapping
+    from cellrank_fm.tokenize import Dictionaries, plan_for
 
     m = shards.manifest
     mapping = GeneMapping.from_table(shards.gene_map, str(shards.path / GENE_MAP_FILE)) if shards.gene_map else None

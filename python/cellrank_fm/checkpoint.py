@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from cellrank_fm.errors import UserError, atomic_path
+from cellrank_fm.genes import GENE_MAP_FILE
 from cellrank_fm.model import ARCHITECTURES, BertForMaskedLM, ModelConfig, _Base
 
 CONFIG = "config.json"
@@ -91,7 +92,7 @@ def save_model_dir(
     if labels is not None:
         write_json(out / "labels.json", list(labels))
     if gene_map:
-        write_json(out / "gene_map.json", gene_map)
+        write_json(out / GENE_MAP_FILE, gene_map)
     write_json(out / CONFIG, config)  # last: a directory with config.json is complete
     return out
 
@@ -188,7 +189,7 @@ def load_model_dir(path: str | Path, expect: str = "any") -> tuple[_Base, ModelD
         medians=_read_optional_json(path / "medians.json"),
         symbols=_read_optional_json(path / "symbols.json"),
         labels=labels,
-        gene_map=_read_optional_json(path / "gene_map.json"),
+        gene_map=_read_optional_json(path / GENE_MAP_FILE),
     )
     model.eval()
     return model, info

@@ -42,6 +42,10 @@ def normalise_id(label: str) -> str | None:
 # Mapping tables (symbol / alias / retired ID -> current Ensembl ID).
 
 
+# Where shard sets and model directories keep the mapping they were tokenized with.
+GENE_MAP_FILE = "gene_map.json"
+
+
 @dataclass
 class GeneMapping:
     """Upper-cased symbol or old ID -> current Ensembl ID, plus ID -> display symbol."""

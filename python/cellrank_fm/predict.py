@@ -19,6 +19,7 @@ from typing import Iterator
 import numpy as np
 
 from cellrank_fm.errors import UserError, atomic_path
+from cellrank_fm.genes import GENE_MAP_FILE, GeneMapping, load_mapping
 
 CHUNK_CELLS = 32768
 
@@ -41,8 +42,8 @@ def load_for_inference(model_dir: str | Path, expect: str = "any", device: str =
     """Load a model directory with what tokenizing new data needs, checking the vocabulary.
 
     `gene_map`: symbol/alias tables (default: the mapping the model's shards were tokenized
-    with, saved in the model directory); `gene_id_column`: the var column of the new input holding gene IDs
-    (default: the one used in training when the input has it, else var_names).
+    with, saved in the model directory); `gene_id_column`: the var column of the new input
+    holding gene IDs (default: the one used in training when the input has it, else var_names).
     """
     from cellrank_fm.checkpoint import load_model_dir
     from cellrank_fm.finetune import GENE_SET_FILE
@@ -62,13 +63,11 @@ def load_for_inference(model_dir: str | Path, expect: str = "any", device: str =
     gene_set = None
     if (model_dir / GENE_SET_FILE).is_file():
         gene_set = json.loads((model_dir / GENE_SET_FILE).read_text())
-    from cellrank_fm.genes import GeneMapping, load_mapping
-
     mapping = None
     if gene_map:
         mapping = load_mapping([str(p) for p in gene_map])
     elif info.gene_map:
-        mapping = GeneMapping.from_table(info.gene_map, str(model_dir / "gene_map.json"))
+        mapping = GeneMapping.from_table(info.gene_map, str(model_dir / GENE_MAP_FILE))
     model.to(pick_device(device))
     model.eval()
     return LoadedModel(model, info, vocab, medians, version, ours.get("model_input_size"), gene_set,

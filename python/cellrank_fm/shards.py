@@ -102,7 +102,7 @@ class ShardSet:
     @cached_property
     def gene_map(self) -> dict[str, str]:
         """Symbol / alias -> gene as the tokenizer resolved them (empty without --gene-map)."""
-        from cellrank_fm.tokenize import GENE_MAP_FILE
+        from cellrank_fm.genes import GENE_MAP_FILE
 
         return self._json(GENE_MAP_FILE, required=False)
 

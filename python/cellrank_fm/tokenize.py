@@ -27,6 +27,7 @@ import numpy as np
 
 from cellrank_fm.errors import UserError, atomic_path
 from cellrank_fm.genes import (
+    GENE_MAP_FILE,
     ColumnPlan,
     GeneMapping,
     build_plan,
@@ -51,7 +52,6 @@ from cellrank_fm.vocab import (
 FORMAT = "cellrank-shards"
 FORMAT_VERSION = 1
 RUN_FILE = ".cellrank-run.json"
-GENE_MAP_FILE = "gene_map.json"  # symbol / alias / old ID -> vocabulary gene, when --gene-map was given
 PROGRESS_FILE = ".cellrank-progress.jsonl"
 # Cells per call into the core. ~2,000 genes per cell keeps a chunk's arrays under glibc's 32 MB
 # mmap threshold, so their memory is reused instead of being mapped and zeroed anew each chunk
