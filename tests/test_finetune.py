@@ -108,7 +108,7 @@ def test_freeze_early_stop_and_group_split(corpus, tmp_path):
     assert set(split["split"]) == {"train", "validation", "test"}
 
 
-def test_gene_classification_cross_validates_over_genes(corpus, tmp_path):
+def test_gene_classification_cross_validates_over_genes(corpus, tmp_path, capsys):
     tmp, h5ad, adata, vocab, medians = corpus
     truth = planted(adata)
     markers = [g for genes in truth["markers"].values() for g in genes]
@@ -128,6 +128,18 @@ def test_gene_classification_cross_validates_over_genes(corpus, tmp_path):
     # background genes better than chance (0.5) even by a model trained from scratch.
     assert m["roc_auc_mean"] > 0.55
     assert (out / "roc.png").is_file()
+    # The final model, trained on all 120 labelled genes, scores every gene that occurs.
+    scores = pd.read_csv(out / "gene_scores.csv", keep_default_na=False)
+    assert m["scored_genes"] == len(scores) > 120 and set(scores["gene"]) <= set(vocab)
+    assert (scores["occurrences"] > 0).all()
+    np.testing.assert_allclose(scores["p_background"] + scores["p_marker"], 1.0, atol=1e-6)
+    labelled = scores[scores["label"] != ""]
+    assert len(labelled) == 120 and set(labelled["label"]) == {"background", "marker"}
+    mean_p = labelled.groupby("label")["p_marker"].mean()
+    assert mean_p["marker"] > mean_p["background"]  # it learned its training genes
+    assert json.loads((out / "model" / "labels.json").read_text()) == ["background", "marker"]
+    code, err = _exit_code(["predict", str(out / "model"), str(h5ad), "--out", str(tmp_path / "p.h5ad")], capsys)
+    assert code == 2 and "gene classifier" in err
 
 
 def test_model_dir_carries_the_gene_map(corpus, tmp_path):

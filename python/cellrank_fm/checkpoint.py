@@ -163,8 +163,7 @@ def _read_optional_json(path: Path) -> Any:
 def load_model_dir(path: str | Path, expect: str = "any") -> tuple[_Base, ModelDirInfo]:
     """Load a model directory (ours or a HuggingFace BERT checkpoint) as (model, info).
 
-    expect: "mlm" (a pretrained masked-gene model), "classifier" (sequence or token
-    classification) or "any".
+    expect: "mlm" (a pretrained masked-gene model), "classifier" (a cell classifier) or "any".
     """
     path = Path(path)
     raw = read_config(path)
@@ -175,6 +174,9 @@ def load_model_dir(path: str | Path, expect: str = "any") -> tuple[_Base, ModelD
         raise UserError(f"{path} holds a {arch}, which cellrank cannot load; it loads {', '.join(ARCHITECTURES)}.")
     if expect == "mlm" and arch != "BertForMaskedLM":
         raise UserError(f"{path} holds a {arch}, not a pretrained masked-gene model.")
+    if expect == "classifier" and arch == "BertForTokenClassification":
+        raise UserError(f"{path} holds a gene classifier (`finetune --task genes`), not a cell classifier; "
+                        "its scores for every gene are in gene_scores.csv beside it.")
     if expect == "classifier" and arch == "BertForMaskedLM":
         raise UserError(f"{path} holds a pretrained model without a classifier; fine-tune it first with `cellrank finetune`.")
     cfg = ModelConfig.from_dict(raw)

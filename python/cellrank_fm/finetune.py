@@ -436,7 +436,7 @@ class GeneClassificationTask:
         return {}
 
     def save(self, model, out_dir, extra):
-        """Nothing: each fold's model only serves its held-out genes."""
+        """Nothing while training: `finetune_genes` saves the final model itself."""
 
 
 @torch.no_grad()
@@ -466,6 +466,7 @@ def finetune_genes(shard_dir: str | Path, out: str | Path, gene_labels: str | Pa
     from sklearn.metrics import roc_auc_score, roc_curve
     from sklearn.model_selection import StratifiedKFold
 
+    from cellrank_fm.checkpoint import save_model_dir
     from cellrank_fm.model import BertForTokenClassification, preset_config
     from cellrank_fm.plots import roc_png
     from cellrank_fm.shards import ShardSet, check_vocabulary
@@ -502,36 +503,42 @@ def finetune_genes(shard_dir: str | Path, out: str | Path, gene_labels: str | Pa
             + ", ".join(f"{c} {k}" for c, k in zip(classes, counts)) + "."
         )
     token_ids = np.array([vocab[g] for g in genes])
+
+    def fit(genes_idx: np.ndarray, k: int, directory: Path):
+        """A token classifier trained on the genes `genes_idx` (run `k` seeds it)."""
+        token_class = np.full(shards.vocab_size, -100, dtype=np.int64)
+        token_class[token_ids[genes_idx]] = y[genes_idx]
+        if opts.from_model is not None:
+            from cellrank_fm.checkpoint import load_encoder
+            from cellrank_fm.vocab import content_sha256
+
+            model, info = load_encoder(opts.from_model, BertForTokenClassification, num_labels=len(classes))
+            sha = content_sha256(info.vocabulary) if info.vocabulary else None
+            check_vocabulary(shards, model.config.vocab_size, sha, f"the model {opts.from_model}")
+        else:
+            torch.manual_seed(opts.seed + k)
+            cfg = preset_config(opts.preset, vocab_size=shards.vocab_size, num_labels=len(classes),
+                                **opts.model_overrides)
+            model = BertForTokenClassification(cfg)
+        freeze_layers(model, opts.freeze_layers)
+        weights = class_weights_for(y[genes_idx], len(classes)) if opts.class_weight else None
+        task = GeneClassificationTask(tokens, token_class, opts.seed + k, weights)
+        steps_per_epoch = max(1, len(task.plan(0, 0, 1, opts.tokens_per_batch)))
+        max_steps = max(1, int(round(opts.epochs * steps_per_epoch)))
+        cfg_t = TrainConfig(lr=opts.lr, weight_decay=opts.weight_decay, max_steps=max_steps,
+                            warmup_steps=int(opts.warmup_fraction * max_steps), tokens_per_batch=opts.tokens_per_batch,
+                            eval_every=0, eval_at_start=False, log_every=max(1, min(10, steps_per_epoch)),
+                            seed=opts.seed + k, device=opts.device, quiet=opts.quiet)
+        train(model, task, cfg_t, directory)
+        (directory / "trainer_state.pt").unlink(missing_ok=True)
+        return model, max_steps
+
     folds = StratifiedKFold(n_splits=opts.folds, shuffle=True, random_state=opts.seed)
     results, curves = [], []
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         for k, (tr, te) in enumerate(folds.split(genes, y)):
-            token_class = np.full(shards.vocab_size, -100, dtype=np.int64)
-            token_class[token_ids[tr]] = y[tr]
-            if opts.from_model is not None:
-                from cellrank_fm.checkpoint import load_encoder
-                from cellrank_fm.vocab import content_sha256
-
-                model, info = load_encoder(opts.from_model, BertForTokenClassification, num_labels=len(classes))
-                sha = content_sha256(info.vocabulary) if info.vocabulary else None
-                check_vocabulary(shards, model.config.vocab_size, sha, f"the model {opts.from_model}")
-            else:
-                torch.manual_seed(opts.seed + k)
-                cfg = preset_config(opts.preset, vocab_size=shards.vocab_size, num_labels=len(classes),
-                                    **opts.model_overrides)
-                model = BertForTokenClassification(cfg)
-            freeze_layers(model, opts.freeze_layers)
-            weights = class_weights_for(y[tr], len(classes)) if opts.class_weight else None
-            task = GeneClassificationTask(tokens, token_class, opts.seed + k, weights)
-            steps_per_epoch = max(1, len(task.plan(0, 0, 1, opts.tokens_per_batch)))
-            max_steps = max(1, int(round(opts.epochs * steps_per_epoch)))
-            cfg_t = TrainConfig(lr=opts.lr, weight_decay=opts.weight_decay, max_steps=max_steps,
-                                warmup_steps=int(opts.warmup_fraction * max_steps), tokens_per_batch=opts.tokens_per_batch,
-                                eval_every=0, eval_at_start=False, log_every=max(1, min(10, steps_per_epoch)),
-                                seed=opts.seed + k, device=opts.device, quiet=opts.quiet)
-            train(model, task, cfg_t, tmp / f"fold{k}")
-            (tmp / f"fold{k}" / "trainer_state.pt").unlink(missing_ok=True)
+            model, max_steps = fit(tr, k, tmp / f"fold{k}")
             scores = gene_scores(model, tokens, token_ids[te])
             if len(classes) == 2:
                 auc = float(roc_auc_score(y[te], scores[:, 1]))
@@ -547,7 +554,36 @@ def finetune_genes(shard_dir: str | Path, out: str | Path, gene_labels: str | Pa
                    "cells": int(len(cells)), "folds": results, "roc_auc_mean": float(aucs.mean()),
                    "roc_auc_sd": float(aucs.std(ddof=1)) if len(aucs) > 1 else 0.0,
                    "gene_labels": str(gene_labels), "labels_report": report, "seed": opts.seed}
-        write_json(metrics, tmp / "metrics.json")
         if curves:
             roc_png(curves, tmp / "roc.png", title=f"{classes[1]} vs {classes[0]}: held-out genes")
+        # The model to use: trained on every labelled gene, then asked about every gene.
+        say("training the final model on all labelled genes")
+        model, _ = fit(np.arange(len(genes)), opts.folds, tmp / "model")
+        save_model_dir(model, tmp / "model", vocab, shards.medians, shards.symbols, labels=classes,
+                       extra_config={**shards.tokenization(), "task": "gene classification"}, gene_map=shards.gene_map)
+        metrics["scored_genes"] = _write_gene_scores(model, tokens, seen, vocab, shards.symbols, classes,
+                                                     dict(zip(genes, y)), tmp / "gene_scores.csv")
+        write_json(metrics, tmp / "metrics.json")
     return metrics
+
+
+def _write_gene_scores(model, tokens, seen: np.ndarray, vocab: dict[str, int], symbols: dict[str, str],
+                       classes: list[str], labelled: dict[str, int], path: Path) -> int:
+    """Every gene occurring in `tokens`: its mean class probabilities, occurrences and label."""
+    import pandas as pd
+
+    ids = np.flatnonzero(seen)
+    name_of = {i: g for g, i in vocab.items()}
+    genes = [name_of[i] for i in ids]
+    occurrences = np.bincount(np.concatenate(tokens).astype(np.int64), minlength=len(seen))[ids]
+    table = pd.DataFrame({
+        "gene": genes,
+        "symbol": [symbols.get(g, "") for g in genes],
+        "occurrences": occurrences,
+        "label": [classes[labelled[g]] if g in labelled else "" for g in genes],
+    })
+    scores = gene_scores(model, tokens, ids)
+    for c, name in enumerate(classes):
+        table[f"p_{name}"] = scores[:, c]
+    table.sort_values(f"p_{classes[-1]}", ascending=False).to_csv(path, index=False)
+    return len(table)

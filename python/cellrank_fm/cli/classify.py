@@ -111,7 +111,7 @@ def finetune_cmd(
 ) -> None:
     """Fine-tune a classifier of cells (or genes) on token shards; keep the best checkpoint.
 
-    Cells are split train / validation / test (stratified by label with --seed, by --split-by, or from --split-column); training stops early when validation macro-F1 stops improving; the best checkpoint becomes a model directory for `cellrank predict`, beside metrics.json (test split), confusion_matrix.png and split.csv.
+    Cells are split train / validation / test (stratified by label with --seed, by --split-by, or from --split-column); training stops early when validation macro-F1 stops improving; the best checkpoint becomes a model directory for `cellrank predict`, beside metrics.json (test split), confusion_matrix.png and split.csv. With --task genes: k-fold ROC AUC over genes, then a model trained on all labelled genes (DIR/model) and every gene's class probabilities (DIR/gene_scores.csv).
 
     Example: cellrank finetune shards/ --label condition --from pretrained/ --out classifier/ --baseline
     """
@@ -139,7 +139,8 @@ def finetune_cmd(
             table.add_row(str(f["fold"]), str(f["test_genes"]), f"{f['roc_auc']:.3f}")
         table.add_row("mean ± sd", "", f"{result['roc_auc_mean']:.3f} ± {result['roc_auc_sd']:.3f}")
         print_table(table)
-        typer.echo(f"wrote {out}/metrics.json" + (f" and {out}/roc.png" if len(result["classes"]) == 2 else ""))
+        typer.echo(f"wrote {out}/metrics.json" + (f", {out}/roc.png" if len(result["classes"]) == 2 else "")
+                   + f", the final model in {out}/model and scores for {result['scored_genes']:,} genes in {out}/gene_scores.csv")
         return
     if task != "cells":
         raise UserError(f"--task must be cells or genes, not {task!r}.")

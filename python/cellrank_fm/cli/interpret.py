@@ -129,6 +129,9 @@ def perturb_cmd(
     if mode not in MODES:
         raise UserError(f"unknown --mode {mode!r}; use delete or overexpress.")
     lm = load_for_inference(model_dir, expect="any", device=device)
+    if lm.info.architecture == "BertForTokenClassification":
+        raise UserError(f"{model_dir} holds a gene classifier, which assigns no cell state; give a cell "
+                        "classifier (`cellrank finetune`) or a pretrained model.")
     lm.info.symbols = {**input_symbols(input, lm.gene_id_column), **(lm.info.symbols or {})}
     evaluator = Evaluator(lm.model, lm.info, tokens_per_batch)
     gene_ids = None
