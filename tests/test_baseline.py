@@ -4,18 +4,9 @@ import numpy as np
 import pytest
 
 from cellrank_fm.baseline import highly_variable_genes, load_table, run_baseline
-from cellrank_fm.cli import main as _main
-
-
-def main(args):
-    """The CLI in-process; raises SystemExit only on failure."""
-    try:
-        _main(args)
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise
 from cellrank_fm.simulate import simulate_corpus
 from cellrank_fm.splits import make_split
+from cli_helpers import fails, run
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +50,7 @@ def test_gene_selection_sees_training_cells_only(tmp_path, sim_h5ad):
 
 def test_baseline_on_real_kang(shared_data, tmp_path):
     out = tmp_path / "bl"
-    main(["baseline", str(shared_data / "sc" / "kang2017_pbmc_ifnb_2k.h5ad"), "--label", "condition",
+    run(["baseline", str(shared_data / "sc" / "kang2017_pbmc_ifnb_2k.h5ad"), "--label", "condition",
           "--out", str(out)])
     m = json.loads((out / "metrics.json").read_text())
     assert m["classes"] == ["ctrl", "stim"] and m["cells"] == 200
@@ -69,10 +60,8 @@ def test_baseline_on_real_kang(shared_data, tmp_path):
 
 
 def test_missing_label_column_exits_2(sim_h5ad, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["baseline", str(sim_h5ad[0]), "--label", "celltype", "--out", str(tmp_path / "o")])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
+    code, err = fails(["baseline", str(sim_h5ad[0]), "--label", "celltype", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2
     assert "'celltype'" in err and "cell_state" in err
     assert not (tmp_path / "o").exists()
 
@@ -93,7 +82,7 @@ def test_shards_read_back_the_tokenized_genes_and_split_alike(sim_h5ad, tmp_path
     gene_set = list(adata.var_names[::3])
     (tmp_path / "set.txt").write_text("\n".join(gene_set) + "\n")
     shards = tmp_path / "shards"
-    main(["tokenize", str(local), "--out", str(shards), "--vocab", str(tmp_path / "v.json"), "--medians",
+    run(["tokenize", str(local), "--out", str(shards), "--vocab", str(tmp_path / "v.json"), "--medians",
           str(tmp_path / "m.json"), "--genes", str(tmp_path / "set.txt"), "--keep-obs", "cell_state", "-q"])
     t_sh, t_h5 = table_from_shards(shards), table_from_file(local)
     # Each shard row points at its own cell in the input file.
@@ -110,6 +99,5 @@ def test_shards_read_back_the_tokenized_genes_and_split_alike(sim_h5ad, tmp_path
         assert {t_sh.cell_ids[i] for i in a.indices(name)} == {t_h5.cell_ids[i] for i in b.indices(name)}
     # The counts must still be there.
     local.unlink()
-    with pytest.raises(SystemExit) as exc:
-        _main(["baseline", str(shards), "--label", "cell_state", "--out", str(tmp_path / "o")])
-    assert exc.value.code == 2 and "is gone" in capsys.readouterr().err
+    code, err = fails(["baseline", str(shards), "--label", "cell_state", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "is gone" in err

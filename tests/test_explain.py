@@ -119,14 +119,10 @@ def test_top_genes_are_planted_markers_for_both_methods(loaded):
 
 
 def _cli(*args, check_rc=0, capsys=None):
-    """Run the `cellrank` entry point in-process; return its exit code and stderr."""
-    from cellrank_fm.cli import main
+    """Run the `cellrank` entry point in-process; check its exit code; return its stderr."""
+    from cli_helpers import exit_code
 
-    try:
-        main([str(a) for a in args])
-        rc = 0
-    except SystemExit as stop:
-        rc = stop.code or 0
+    rc = exit_code(args)
     err = capsys.readouterr().err if capsys is not None else ""
     assert rc == check_rc, err
     return err

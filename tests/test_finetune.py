@@ -7,26 +7,11 @@ import pytest
 import torch
 
 from cellrank_fm.checkpoint import read_weights, save_model_dir
-from cellrank_fm.cli import main as _main
 from cellrank_fm.model import BertForMaskedLM, preset_config
 from cellrank_fm.simulate import planted, simulate_corpus
 from cellrank_fm.splits import make_split
 from cellrank_fm.vocab import save_json_mapping
-
-
-def main(args):
-    """The CLI in-process; raises SystemExit only on failure."""
-    try:
-        _main(args)
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise
-
-
-def _exit_code(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        _main(args)
-    return exc.value.code, capsys.readouterr().err
+from cli_helpers import fails, run
 
 
 
@@ -42,7 +27,7 @@ def corpus(tmp_path_factory):
     adata.write_h5ad(h5ad)
     save_json_mapping(vocab, tmp / "vocab.json")
     save_json_mapping(medians, tmp / "medians.json")
-    main(["tokenize", str(h5ad), "--out", str(tmp / "shards"), "--vocab", str(tmp / "vocab.json"),
+    run(["tokenize", str(h5ad), "--out", str(tmp / "shards"), "--vocab", str(tmp / "vocab.json"),
           "--medians", str(tmp / "medians.json"), "--keep-obs", "cell_state,donor", "-q"])
     return tmp, h5ad, adata, vocab, medians
 
@@ -50,7 +35,7 @@ def corpus(tmp_path_factory):
 def test_finetune_learns_and_predict_agrees(corpus, capsys):
     tmp, h5ad, adata, vocab, medians = corpus
     out = tmp / "clf"
-    main(["finetune", str(tmp / "shards"), "--label", "cell_state", "--preset", "tiny", "--out", str(out),
+    run(["finetune", str(tmp / "shards"), "--label", "cell_state", "--preset", "tiny", "--out", str(out),
           "--epochs", "8", "--lr", "3e-3", "--tokens-per-batch", "4096", "--patience", "0", "--baseline",
           "--seed", "1", "-q"])
     printed = capsys.readouterr().out
@@ -69,7 +54,7 @@ def test_finetune_learns_and_predict_agrees(corpus, capsys):
     assert list(split_csv["split"]) == list(s.assignment())
     # Predicting the test cells from the raw h5ad gives the figures finetune reported.
     pred = tmp / "pred.h5ad"
-    main(["predict", str(out), str(h5ad), "--out", str(pred), "-q"])
+    run(["predict", str(out), str(h5ad), "--out", str(pred), "-q"])
     res = ad.read_h5ad(pred).obs.loc[split_csv.loc[split_csv["split"] == "test", "cell_id"]]
     acc = float((res["cellrank_label"].astype(str) == res["cell_state"].astype(str)).mean())
     assert acc == pytest.approx(m["accuracy"], abs=1e-9)
@@ -77,7 +62,7 @@ def test_finetune_learns_and_predict_agrees(corpus, capsys):
 
 def test_missing_label_column_names_the_kept_columns(corpus, capsys):
     tmp = corpus[0]
-    code, err = _exit_code(["finetune", str(tmp / "shards"), "--label", "condition", "--preset", "tiny",
+    code, err = fails(["finetune", str(tmp / "shards"), "--label", "condition", "--preset", "tiny",
                             "--out", str(tmp / "nope")], capsys)
     assert code == 2
     assert "'condition'" in err and "cell_state, donor" in err and "--keep-obs" in err
@@ -92,7 +77,7 @@ def test_freeze_early_stop_and_group_split(corpus, tmp_path):
     out = tmp_path / "clf"
     # A learning rate too small to change anything: validation macro-F1 never improves after the
     # first evaluation, so with patience 1 training stops at the second.
-    main(["finetune", str(tmp / "shards"), "--label", "cell_state", "--from", str(pre), "--out", str(out),
+    run(["finetune", str(tmp / "shards"), "--label", "cell_state", "--from", str(pre), "--out", str(out),
           "--freeze-layers", "1", "--epochs", "5", "--lr", "1e-9", "--patience", "1", "--evals-per-epoch", "1",
           "--tokens-per-batch", "4096", "--split-by", "donor", "-q"])
     m = json.loads((out / "metrics.json").read_text())
@@ -117,7 +102,7 @@ def test_gene_classification_cross_validates_over_genes(corpus, tmp_path, capsys
     pd.DataFrame({"background": others[:60], "marker": (markers + [""] * 60)[:60]}).replace("", np.nan).to_csv(
         csv, index=False)
     out = tmp_path / "genes"
-    main(["finetune", str(tmp / "shards"), "--task", "genes", "--gene-labels", str(csv), "--preset", "tiny",
+    run(["finetune", str(tmp / "shards"), "--task", "genes", "--gene-labels", str(csv), "--preset", "tiny",
           "--folds", "3", "--epochs", "2", "--lr", "3e-3", "--tokens-per-batch", "4096",
           "--out", str(out), "-q"])
     m = json.loads((out / "metrics.json").read_text())
@@ -138,7 +123,7 @@ def test_gene_classification_cross_validates_over_genes(corpus, tmp_path, capsys
     mean_p = labelled.groupby("label")["p_marker"].mean()
     assert mean_p["marker"] > mean_p["background"]  # it learned its training genes
     assert json.loads((out / "model" / "labels.json").read_text()) == ["background", "marker"]
-    code, err = _exit_code(["predict", str(out / "model"), str(h5ad), "--out", str(tmp_path / "p.h5ad")], capsys)
+    code, err = fails(["predict", str(out / "model"), str(h5ad), "--out", str(tmp_path / "p.h5ad")], capsys)
     assert code == 2 and "gene classifier" in err
 
 
@@ -153,18 +138,18 @@ def test_model_dir_carries_the_gene_map(corpus, tmp_path):
     named.var_names = symbols
     by_symbol = tmp_path / "symbols.h5ad"
     named.write_h5ad(by_symbol)
-    main(["tokenize", str(by_symbol), "--out", str(tmp_path / "shards"), "--vocab", str(tmp / "vocab.json"),
+    run(["tokenize", str(by_symbol), "--out", str(tmp_path / "shards"), "--vocab", str(tmp / "vocab.json"),
           "--medians", str(tmp / "medians.json"), "--gene-map", str(gene_map), "--keep-obs", "cell_state", "-q"])
     saved = json.loads((tmp_path / "shards" / "gene_map.json").read_text())
     assert saved["GENE7"] == adata.var_names[7] and set(saved.values()) <= set(vocab)
-    main(["finetune", str(tmp_path / "shards"), "--label", "cell_state", "--preset", "tiny", "--out",
+    run(["finetune", str(tmp_path / "shards"), "--label", "cell_state", "--preset", "tiny", "--out",
           str(tmp_path / "clf"), "--epochs", "1", "--tokens-per-batch", "4096", "--seed", "1", "-q"])
     assert json.loads((tmp_path / "clf" / "gene_map.json").read_text()) == saved
     gene_map.unlink()
     moved = tmp_path / "moved"
     (tmp_path / "clf").rename(moved)
     for name, path in [("ids", h5ad), ("symbols", by_symbol)]:
-        main(["predict", str(moved), str(path), "--out", str(tmp_path / f"pred-{name}.h5ad"), "-q"])
+        run(["predict", str(moved), str(path), "--out", str(tmp_path / f"pred-{name}.h5ad"), "-q"])
     ids, syms = ad.read_h5ad(tmp_path / "pred-ids.h5ad"), ad.read_h5ad(tmp_path / "pred-symbols.h5ad")
     assert ids.obs["cellrank_label"].notna().all()
     np.testing.assert_allclose(syms.obsm["cellrank_proba"], ids.obsm["cellrank_proba"], atol=1e-6)

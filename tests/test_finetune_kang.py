@@ -12,17 +12,9 @@ import json
 import anndata as ad
 import pytest
 
-from cellrank_fm.cli import main as _main
+from cli_helpers import run
 
 pytestmark = pytest.mark.slow
-
-
-def main(args):
-    try:
-        _main(args)
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +25,9 @@ def pretrained(shared_data, tmp_path_factory):
              "--gene-map", str(g / "gene_name_id_dict_gc30M.pkl"), "--model-input-size", "256", "-q"]
     kang = shared_data / "sc" / "kang2017_pbmc_ifnb_2k.h5ad"
     wu = shared_data / "sc" / "wu2020_tcells_200.h5ad"
-    main(["tokenize", str(kang), str(wu), "--out", str(tmp / "corpus"), *dicts])
-    main(["tokenize", str(kang), "--out", str(tmp / "kang"), "--keep-obs", "condition", *dicts])
-    main(["pretrain", str(tmp / "corpus"), "--out", str(tmp / "pretrained"), "--preset", "tiny",
+    run(["tokenize", str(kang), str(wu), "--out", str(tmp / "corpus"), *dicts])
+    run(["tokenize", str(kang), "--out", str(tmp / "kang"), "--keep-obs", "condition", *dicts])
+    run(["pretrain", str(tmp / "corpus"), "--out", str(tmp / "pretrained"), "--preset", "tiny",
           "--max-steps", "500", "--tokens-per-batch", "4096", "--lr", "2e-3", "--seed", "0"])
     return tmp, kang, dicts
 
@@ -43,7 +35,7 @@ def pretrained(shared_data, tmp_path_factory):
 def test_kang_finetuned_matches_baseline(pretrained, capsys):
     tmp, kang, _ = pretrained
     out = tmp / "classifier"
-    main(["finetune", str(tmp / "kang"), "--label", "condition", "--from", str(tmp / "pretrained"),
+    run(["finetune", str(tmp / "kang"), "--label", "condition", "--from", str(tmp / "pretrained"),
           "--out", str(out), "--epochs", "10", "--lr", "1e-3", "--tokens-per-batch", "8192", "--baseline", "-q"])
     print(capsys.readouterr().out)
     m = json.loads((out / "metrics.json").read_text())
@@ -54,17 +46,17 @@ def test_kang_finetuned_matches_baseline(pretrained, capsys):
 def test_mitochondrial_worked_example(pretrained, shared_data, tmp_path):
     tmp, kang, dicts = pretrained
     mito = tmp_path / "mito_shards"
-    main(["tokenize", str(kang), "--out", str(mito), "--genes", str(shared_data / "genes" / "Human.MitoCarta3.0.csv"),
+    run(["tokenize", str(kang), "--out", str(mito), "--genes", str(shared_data / "genes" / "Human.MitoCarta3.0.csv"),
           "--keep-obs", "condition", *dicts])
     out = tmp_path / "mito_classifier"
     # Mitochondrial genes are few per cell, so batches of 2,048 tokens give enough steps.
-    main(["finetune", str(mito), "--label", "condition", "--from", str(tmp / "pretrained"), "--out", str(out),
+    run(["finetune", str(mito), "--label", "condition", "--from", str(tmp / "pretrained"), "--out", str(out),
           "--epochs", "20", "--lr", "1e-3", "--tokens-per-batch", "2048", "--patience", "8", "--baseline", "-q"])
     m = json.loads((out / "metrics.json").read_text())
     print(f"mitochondrial genes only: cellrank macro-F1 {m['macro_f1']:.3f}, baseline {m['baseline']['macro_f1']:.3f}")
     assert m["macro_f1"] > 0.7  # mitochondrial genes carry part of the interferon response
     pred = tmp_path / "kang.mito.h5ad"
-    main(["predict", str(out), str(kang), "--out", str(pred), "-q"])
+    run(["predict", str(out), str(kang), "--out", str(pred), "-q"])
     res = ad.read_h5ad(pred)
     assert res.n_obs == 2000 and res.obsm["cellrank_proba"].shape == (2000, 2)
     assert res.obs["cellrank_label"].notna().sum() > 1900

@@ -8,21 +8,12 @@ import scipy.sparse as sp
 import torch
 
 from cellrank_fm.checkpoint import save_model_dir
-from cellrank_fm.cli import main as _main
-
-
-def main(args):
-    """The CLI in-process; raises SystemExit only on failure."""
-    try:
-        _main(args)
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise
 from cellrank_fm.finetune import predict_tokens
 from cellrank_fm.model import BertForMaskedLM, BertForSequenceClassification, preset_config
 from cellrank_fm.simulate import simulate_corpus
 from cellrank_fm.tokenize import tokenize_in_memory
 from cellrank_fm.vocab import content_sha256
+from cli_helpers import fails, run
 
 CLASSES = ["alpha", "beta", "gamma"]
 
@@ -67,7 +58,7 @@ def test_predict_keeps_every_cell_in_order(setup, capsys):
     tmp, path, model_dir, model, vocab, medians = setup
     before = hashlib.sha256(path.read_bytes()).hexdigest()
     out = tmp / "pred.h5ad"
-    main(["predict", str(model_dir), str(path), "--out", str(out), "-q"])
+    run(["predict", str(model_dir), str(path), "--out", str(out), "-q"])
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before  # input untouched
     res = ad.read_h5ad(out)
     src = ad.read_h5ad(path)
@@ -90,19 +81,13 @@ def test_predict_keeps_every_cell_in_order(setup, capsys):
     assert "3 could not be tokenized" in capsys.readouterr().out
 
 
-def _exit_code(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    return exc.value.code, capsys.readouterr().err
-
-
 def test_predict_errors_exit_2(setup, tmp_path, capsys):
     tmp, path, model_dir, model, vocab, medians = setup
     # A pretrained model without a classification head.
     mlm = BertForMaskedLM(preset_config("tiny", vocab_size=len(vocab)))
     mlm_dir = tmp_path / "mlm"
     save_model_dir(mlm, mlm_dir, vocab, medians)
-    code, err = _exit_code(["predict", str(mlm_dir), str(path), "--out", str(tmp_path / "o.h5ad")], capsys)
+    code, err = fails(["predict", str(mlm_dir), str(path), "--out", str(tmp_path / "o.h5ad")], capsys)
     assert code == 2 and "without a classifier" in err
     # A vocabulary that does not belong to the weights.
     bad = tmp_path / "bad"
@@ -113,16 +98,16 @@ def test_predict_errors_exit_2(setup, tmp_path, capsys):
     genes = [g for g in vocab if not g.startswith("<")]
     shuffled[genes[0]], shuffled[genes[1]] = vocab[genes[1]], vocab[genes[0]]
     (bad / "vocabulary.json").write_text(json.dumps(shuffled))
-    code, err = _exit_code(["predict", str(bad), str(path), "--out", str(tmp_path / "o.h5ad")], capsys)
+    code, err = fails(["predict", str(bad), str(path), "--out", str(tmp_path / "o.h5ad")], capsys)
     assert code == 2 and "vocabulary" in err
     # Output over the input.
-    code, err = _exit_code(["predict", str(model_dir), str(path), "--out", str(path)], capsys)
+    code, err = fails(["predict", str(model_dir), str(path), "--out", str(path)], capsys)
     assert code == 2 and "never overwrites" in err
     # Input with none of the model's genes.
     alien = ad.AnnData(sp.csr_matrix(np.ones((4, 3), dtype=np.float32)))
     alien.var_names = ["ENSG00000999991", "ENSG00000999992", "ENSG00000999993"]
     alien.write_h5ad(tmp_path / "alien.h5ad")
-    code, err = _exit_code(["predict", str(model_dir), str(tmp_path / "alien.h5ad"), "--out",
+    code, err = fails(["predict", str(model_dir), str(tmp_path / "alien.h5ad"), "--out",
                             str(tmp_path / "o.h5ad")], capsys)
     assert code == 2
     assert not (tmp_path / "o.h5ad").exists()
@@ -131,7 +116,7 @@ def test_predict_errors_exit_2(setup, tmp_path, capsys):
 def test_embed_cells_genes_and_umap(setup, tmp_path):
     tmp, path, model_dir, model, vocab, medians = setup
     out = tmp_path / "emb.h5ad"
-    main(["embed", str(model_dir), str(path), "--out", str(out), "--genes-out", str(tmp_path / "g.parquet"),
+    run(["embed", str(model_dir), str(path), "--out", str(out), "--genes-out", str(tmp_path / "g.parquet"),
           "--umap-color", "cell_state", "--umap-png", str(tmp_path / "umap.png"), "--layer", "-2", "-q"])
     res = ad.read_h5ad(out)
     x = res.obsm["X_cellrank"]

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from cellrank_fm.cli import main
+from cli_helpers import exit_code as _exit_code, run
 from test_shards import write_shards
 
 
@@ -14,20 +14,12 @@ def pbmc_shards(shared_data, tmp_path_factory):
     """The Kang 2017 PBMCs (2,000 cells) tokenized with the V1 vocabulary, top 128 genes per cell."""
     out = tmp_path_factory.mktemp("pbmc") / "shards"
     g = shared_data / "geneformer"
-    with pytest.raises(SystemExit) as e:
-        main([
-            "tokenize", str(shared_data / "sc" / "kang2017_pbmc_ifnb_2k.h5ad"), "--out", str(out),
-            "--vocab", str(g / "token_dictionary_gc30M.pkl"), "--medians", str(g / "gene_median_dictionary_gc30M.pkl"),
-            "--gene-id-column", "ensembl_id", "--model-input-size", "128", "--quiet",
-        ])
-    assert e.value.code in (0, None)
+    run([
+        "tokenize", str(shared_data / "sc" / "kang2017_pbmc_ifnb_2k.h5ad"), "--out", str(out),
+        "--vocab", str(g / "token_dictionary_gc30M.pkl"), "--medians", str(g / "gene_median_dictionary_gc30M.pkl"),
+        "--gene-id-column", "ensembl_id", "--model-input-size", "128", "--quiet",
+    ])
     return out
-
-
-def _exit_code(argv):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    return e.value.code
 
 
 def test_pretraining_learns_masked_genes(pbmc_shards, tmp_path, capsys):

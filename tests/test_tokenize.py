@@ -11,6 +11,7 @@ import scipy.sparse as sp
 
 from cellrank_fm.errors import UserError
 from cellrank_fm.tokenize import Dictionaries, TokenizeSettings, tokenize_files, tokenize_in_memory
+from cli_helpers import run
 
 GENES = [f"ENSG{i:011d}" for i in range(2, 42)]
 VOCAB = {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3, **{g: i + 4 for i, g in enumerate(GENES)}}
@@ -193,13 +194,11 @@ def test_real_files_tokenize_and_counts_add_up(shared_data, tmp_path):
         ("mito", shared_data / "sc" / "kang2017_pbmc_ifnb_2k.h5ad",
          ["--gene-map", str(names), "--genes", str(shared_data / "genes" / "Human.MitoCarta3.0.csv")]),
     ]
-    from cellrank_fm.cli import main
-
     for name, path, extra in runs:
         out = tmp_path / name
-        _run_cli(main, ["tokenize", str(path), "--out", str(out), "--quiet", "--model-version", "v2",
-                        "--vocab", str(gf / "token_dictionary_gc104M.pkl"),
-                        "--medians", str(gf / "gene_median_dictionary_gc104M.pkl"), *extra])
+        run(["tokenize", str(path), "--out", str(out), "--quiet", "--model-version", "v2",
+             "--vocab", str(gf / "token_dictionary_gc104M.pkl"),
+             "--medians", str(gf / "gene_median_dictionary_gc104M.pkl"), *extra])
         manifest, parts = _read_parts(out)
         cells = manifest["cells"]
         assert cells["input"] == cells["filtered_out"] + cells["empty"] + cells["written"], name
@@ -227,13 +226,6 @@ def test_real_files_tokenize_and_counts_add_up(shared_data, tmp_path):
             toks = {t for row in parts["input_ids"].to_list() for t in row[1:-1]}
             assert toks and all(inv[t] in ids for t in toks)
             assert manifest["gene_set"]["size"] > 900
-
-
-def _run_cli(main, argv):
-    try:
-        main(argv)
-    except SystemExit as exc:
-        assert exc.code in (0, None), f"exit {exc.code}"
 
 
 def test_10x_h5_totals_leave_out_antibody_features(tmp_path):
