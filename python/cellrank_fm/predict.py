@@ -145,18 +145,13 @@ def write_results(input_path: Path, out_path: Path, obs_columns: dict, obsm: dic
                 obs[name] = values
             del f["obs"]
             write_elem(f, "obs", obs)
-            if "obsm" not in f:
-                f.create_group("obsm").attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
-            for name, arr in obsm.items():
-                if name in f["obsm"]:
-                    del f["obsm"][name]
-                write_elem(f["obsm"], name, arr)
-            if "uns" not in f:
-                f.create_group("uns").attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
-            for name, value in uns.items():
-                if name in f["uns"]:
-                    del f["uns"][name]
-                write_elem(f["uns"], name, value)
+            for group, items in (("obsm", obsm), ("uns", uns)):
+                if group not in f:
+                    f.create_group(group).attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+                for name, value in items.items():
+                    if name in f[group]:
+                        del f[group][name]
+                    write_elem(f[group], name, value)
 
 
 def predict_file(model_dir: str | Path, input_path: str | Path, out_path: str | Path, *,

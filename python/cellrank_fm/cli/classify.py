@@ -77,6 +77,16 @@ def baseline_cmd(
 
 MODEL = "Model"
 RUN = "Run"
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=RUN)]
+# Options of the commands that tokenize new cells with a model (`predict`, `embed`).
+GeneIdColumn = Annotated[Optional[str], typer.Option(
+    "--gene-id-column", rich_help_panel="Genes",
+    help="var column of the input holding gene IDs or symbols (default: the training input's, if present, else var_names).")]
+GeneMap = Annotated[Optional[list[Path]], typer.Option(
+    "--gene-map", rich_help_panel="Genes",
+    help="Symbol/alias -> Ensembl ID table (default: the mapping saved in the model directory, from the shards' --gene-map). Repeatable.")]
+InferenceTokens = Annotated[int, typer.Option("--tokens-per-batch", help="Padded tokens per inference batch.", rich_help_panel=RUN)]
+Device = Annotated[str, typer.Option("--device", help="auto (GPU when present), cpu, cuda ...", rich_help_panel=RUN)]
 
 
 @app.command("finetune", rich_help_panel="Classify")
@@ -101,7 +111,7 @@ def finetune_cmd(
     max_seconds: Annotated[Optional[float], typer.Option("--max-seconds", help="Stop training after this wall time (the best checkpoint is kept).", rich_help_panel=TRAIN)] = None,
     device: Annotated[str, typer.Option("--device", help="auto (GPU when present), cpu, cuda, cuda:1 ...", rich_help_panel=RUN)] = "auto",
     baseline: Annotated[bool, typer.Option("--baseline", help="Also fit the logistic-regression baseline on the same split and print both.", rich_help_panel=OUT)] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=RUN)] = False,
+    quiet: Quiet = False,
     seed: Seed = 0,
     split_by: SplitBy = None,
     split_column: SplitColumn = None,
@@ -167,11 +177,11 @@ def predict_cmd(
     input: Annotated[Path, typer.Argument(help="Cells to classify (.h5ad, raw counts).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .h5ad: the input plus obs cellrank_label / cellrank_confidence and obsm cellrank_proba.", rich_help_panel=OUT)],
     layer: Annotated[Optional[str], typer.Option("--layer", help="Read raw counts from this layer (or raw) instead of X.")] = None,
-    gene_id_column: Annotated[Optional[str], typer.Option("--gene-id-column", help="var column of the input holding gene IDs or symbols (default: the training input's, if present, else var_names).", rich_help_panel="Genes")] = None,
-    gene_map: Annotated[Optional[list[Path]], typer.Option("--gene-map", help="Symbol/alias -> Ensembl ID table (default: the mapping saved in the model directory, from the shards' --gene-map). Repeatable.", rich_help_panel="Genes")] = None,
-    tokens_per_batch: Annotated[int, typer.Option("--tokens-per-batch", help="Padded tokens per inference batch.", rich_help_panel=RUN)] = 32768,
-    device: Annotated[str, typer.Option("--device", help="auto (GPU when present), cpu, cuda ...", rich_help_panel=RUN)] = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=RUN)] = False,
+    gene_id_column: GeneIdColumn = None,
+    gene_map: GeneMap = None,
+    tokens_per_batch: InferenceTokens = 32768,
+    device: Device = "auto",
+    quiet: Quiet = False,
 ) -> None:
     """Classify new cells with a fine-tuned model; every input cell is kept, in order.
 
@@ -202,11 +212,11 @@ def embed_cmd(
     umap_color: Annotated[Optional[str], typer.Option("--umap-color", metavar="COLUMN", help="Colour the UMAP by this obs column.", rich_help_panel=OUT)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the UMAP.", rich_help_panel=OUT)] = 0,
     counts_layer: Annotated[Optional[str], typer.Option("--counts-layer", help="Read raw counts from this layer (or raw) instead of X.")] = None,
-    gene_id_column: Annotated[Optional[str], typer.Option("--gene-id-column", help="var column of the input holding gene IDs or symbols (default: the training input's, if present, else var_names).", rich_help_panel="Genes")] = None,
-    gene_map: Annotated[Optional[list[Path]], typer.Option("--gene-map", help="Symbol/alias -> Ensembl ID table (default: the mapping saved in the model directory, from the shards' --gene-map). Repeatable.", rich_help_panel="Genes")] = None,
-    tokens_per_batch: Annotated[int, typer.Option("--tokens-per-batch", help="Padded tokens per inference batch.", rich_help_panel=RUN)] = 32768,
-    device: Annotated[str, typer.Option("--device", help="auto (GPU when present), cpu, cuda ...", rich_help_panel=RUN)] = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=RUN)] = False,
+    gene_id_column: GeneIdColumn = None,
+    gene_map: GeneMap = None,
+    tokens_per_batch: InferenceTokens = 32768,
+    device: Device = "auto",
+    quiet: Quiet = False,
 ) -> None:
     """Cell embeddings (obsm X_cellrank) from a model, optionally gene embeddings and a UMAP PNG.
 
