@@ -135,9 +135,24 @@ def test_release_workflow_builds_tests_and_publishes_every_platform():
     assert len(uses) == 1 and "password" not in uses[0].get("with", {}), "trusted publishing: no token"
 
 
-def test_check_wheel_script_passes_shellcheck():
-    run = subprocess.run([tool("shellcheck"), str(CHECK_WHEEL)], capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize("script", ["check_wheel.sh", "check_targets.sh"])
+def test_scripts_pass_shellcheck(script):
+    run = subprocess.run([tool("shellcheck"), str(REPO / "scripts" / script)], capture_output=True, text=True,
+                         timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+@pytest.mark.slow
+def test_rust_core_compiles_for_the_other_release_targets():
+    """cargo check for macOS / Windows / Linux aarch64 (those whose std is installed; zig as the C compiler)."""
+    installed = subprocess.run(["rustup", "target", "list", "--installed"], capture_output=True, text=True)
+    others = {"x86_64-apple-darwin", "aarch64-apple-darwin", "x86_64-pc-windows-gnu", "aarch64-unknown-linux-gnu"}
+    if installed.returncode != 0 or not others & set(installed.stdout.split()):
+        pytest.skip("no other target's standard library installed (rustup target add x86_64-apple-darwin ...)")
+    env = dict(tool_env(), PYTHON=sys.executable)
+    run = subprocess.run(["bash", str(REPO / "scripts" / "check_targets.sh")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=3000)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------------- sdist
