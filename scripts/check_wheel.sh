@@ -14,7 +14,8 @@
 # rustc or rustup. Dependencies come from the package index (or pip's cache). --core-only
 # installs the wheel without its dependencies (plus numpy and typer) and skips the demo: for a
 # platform where torch has no wheel. --wheelhouse DIR (or CELLRANK_WHEELHOUSE) keeps the
-# dependencies' wheels in DIR between runs and installs from there without the index.
+# dependencies' wheels in DIR between runs and installs from there without the index
+# (topping DIR up from the index only when it lacks something).
 # Runs on Linux, macOS and Windows (Git Bash).
 # PYTHON picks the interpreter of the fresh environment (default python3); KEEP_WORK=1 keeps
 # the scratch directory (the environment is a few GB, mostly torch).
@@ -32,7 +33,7 @@ while [[ $# -gt 0 ]]; do
     --build-only) build_only=1; shift ;;
     --core-only) core_only=1; shift ;;
     --wheelhouse) wheelhouse=$2; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "check_wheel: unknown option $1" >&2; exit 2 ;;
     *) wheel=$1; shift ;;
   esac
@@ -112,8 +113,10 @@ pyversion=$("$venv_python" -c 'import platform; print(platform.python_version())
 # --only-binary covers the dependencies; a local source archive is built regardless, which the
 # tripwires and the log check below catch.
 pip=("${norust[@]}" "$venv_python" -m pip)
-pip_run() {  # pip ARGS..., in the scratch directory, logged
-  (cd "$work/run" && "${pip[@]}" "$@") >> "$work/pip.log" 2>&1 || { tail -n 30 "$work/pip.log" >&2; return 1; }
+pip_run() {  # pip ARGS..., in the scratch directory, logged; quiet=1: no log tail on failure
+  (cd "$work/run" && "${pip[@]}" "$@") >> "$work/pip.log" 2>&1 && return 0
+  [[ ${quiet:-0} == 1 ]] || tail -n 30 "$work/pip.log" >&2
+  return 1
 }
 if [[ $core_only -eq 1 ]]; then
   wheel_args=(--no-deps "$wheel")
@@ -122,25 +125,32 @@ else
   wheel_args=("$wheel")
   deps=()
 fi
+install_all() {  # the wheel (and deps) with the pip options given
+  pip_run install --only-binary :all: "$@" "${wheel_args[@]}" || return 1
+  [[ ${#deps[@]} -eq 0 ]] || pip_run install --only-binary :all: "$@" "${deps[@]}"
+}
 from_index="the index"
 if [[ -n $wheelhouse ]]; then
-  # Top up the wheelhouse from the index (files it holds are not fetched again), then install
-  # offline from it: pip's own cache keeps nothing when the index's answers carry no caching
-  # headers, and a few GB of torch should not be fetched on every run.
+  # Install offline from the wheelhouse: pip's own cache keeps nothing when the index's answers
+  # carry no caching headers, and a few GB of torch should not be fetched on every run. When it
+  # lacks something (the first run, a new dependency), top it up from the index (files it holds
+  # are not fetched again) and install again. Delete it to move to newer dependencies.
   mkdir -p "$wheelhouse"
-  started=$(now)
-  pip_run download --only-binary :all: --dest "$wheelhouse" "${wheel_args[@]}" ${deps[@]+"${deps[@]}"} \
-    || die "pip download into $wheelhouse failed"
-  rm -f "$wheelhouse"/cellrank_fm-*.whl  # only dependencies are kept
-  from_index="the wheelhouse, topped up from the index in $(since "$started") s"
   offline=(--no-index --find-links "$wheelhouse")
+  from_index="the wheelhouse"
+  started=$(now)
+  if ! quiet=1 install_all "${offline[@]}"; then
+    topped=$(now)
+    pip_run download --only-binary :all: --dest "$wheelhouse" "${wheel_args[@]}" ${deps[@]+"${deps[@]}"} \
+      || die "pip download into $wheelhouse failed"
+    rm -f "$wheelhouse"/cellrank_fm-*.whl  # only dependencies are kept
+    from_index="the wheelhouse, topped up from the index in $(since "$topped") s"
+    started=$(now)
+    install_all "${offline[@]}" || die "pip install $name failed"
+  fi
 else
-  offline=()
-fi
-started=$(now)
-pip_run install --only-binary :all: ${offline[@]+"${offline[@]}"} "${wheel_args[@]}" || die "pip install $name failed"
-if [[ ${#deps[@]} -gt 0 ]]; then
-  pip_run install --only-binary :all: ${offline[@]+"${offline[@]}"} "${deps[@]}" || die "pip install ${deps[*]} failed"
+  started=$(now)
+  install_all || die "pip install $name failed"
 fi
 install_s=$(since "$started")
 if grep -E "Building wheel for|Preparing metadata \(pyproject|Running setup\.py|Installing build dependencies" \
