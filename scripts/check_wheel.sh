@@ -44,6 +44,15 @@ die() { printf 'check_wheel: FAILED: %s\n' "$*" >&2; exit 1; }
 # Wall-clock seconds; bash 5 has them built in, the bash 3 of macOS asks Python.
 now() { if [[ -n ${EPOCHREALTIME:-} ]]; then echo "${EPOCHREALTIME/,/.}"; else "$python" -c 'import time; print(time.time())'; fi; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+# CPU seconds (user + system) of every finished child so far, into $cpu: on a shared machine the
+# wall clock says more about the neighbours than about cellrank. `times` must run in this shell.
+cpu_now() {
+  times > "$cpu_file"
+  cpu=$(awk 'NR == 2 { split($1, u, /[ms]/); split($2, s, /[ms]/); printf "%.1f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }' "$cpu_file")
+}
+cpu_since() { awk -v a="$1" -v b="$cpu" 'BEGIN { printf "%.1f", b - a }'; }  # after cpu_now
+cpu_file=$(mktemp)
+trap 'rm -f "$cpu_file"' EXIT
 
 # ---------------------------------------------------------------------------------- build
 if [[ -z $wheel ]]; then
@@ -51,6 +60,7 @@ if [[ -z $wheel ]]; then
   command -v maturin >/dev/null || die "maturin not found: pip install 'maturin[zig]' (the test extra has it)"
   staging=$(mktemp -d)
   started=$(now)
+  cpu_now; started_cpu=$cpu
   # --locked: the wheel is built from Cargo.lock exactly as committed.
   (cd "$repo" && maturin build --release --locked --zig --compatibility manylinux2014 --out "$staging") \
     || die "maturin build failed"
@@ -60,7 +70,8 @@ if [[ -z $wheel ]]; then
   wheel="$out/$(basename "${built[0]}")"
   mv -f "${built[0]}" "$wheel"
   rmdir "$staging"
-  say "built $wheel in $(since "$started") s"
+  cpu_now
+  say "built $wheel in $(since "$started") s ($(cpu_since "$started_cpu") s of CPU)"
 fi
 [[ -f $wheel ]] || die "no such file: $wheel"
 wheel=$(cd "$(dirname "$wheel")" && pwd)/$(basename "$wheel")
@@ -76,7 +87,7 @@ version=${version%%-*}
 # ------------------------------------------------------- a machine without Rust, as far as pip sees
 work=$(mktemp -d "${TMPDIR:-/tmp}/check_wheel.XXXXXX")
 if [[ ${KEEP_WORK:-0} != 1 ]]; then
-  trap 'rm -rf "$work"' EXIT
+  trap 'rm -rf "$work" "$cpu_file"' EXIT
 fi
 mkdir -p "$work/tripwire" "$work/empty-cargo-home" "$work/empty-rustup-home" "$work/run"
 # cargo, rustc and rustup, should anything look for them, are tripwires that log the call and fail.
@@ -139,6 +150,7 @@ if [[ -n $wheelhouse ]]; then
   offline=(--no-index --find-links "$wheelhouse")
   from_index="the wheelhouse"
   started=$(now)
+  cpu_now; started_cpu=$cpu
   if ! quiet=1 install_all "${offline[@]}"; then
     topped=$(now)
     pip_run download --only-binary :all: --dest "$wheelhouse" "${wheel_args[@]}" ${deps[@]+"${deps[@]}"} \
@@ -146,13 +158,16 @@ if [[ -n $wheelhouse ]]; then
     rm -f "$wheelhouse"/cellrank_fm-*.whl  # only dependencies are kept
     from_index="the wheelhouse, topped up from the index in $(since "$topped") s"
     started=$(now)
+    cpu_now; started_cpu=$cpu
     install_all "${offline[@]}" || die "pip install $name failed"
   fi
 else
   started=$(now)
+  cpu_now; started_cpu=$cpu
   install_all || die "pip install $name failed"
 fi
-install_s=$(since "$started")
+cpu_now
+install_s="$(since "$started") s ($(cpu_since "$started_cpu") s of CPU)"
 if grep -E "Building wheel for|Preparing metadata \(pyproject|Running setup\.py|Installing build dependencies" \
     "$work/pip.log" >&2; then
   die "pip built or prepared a package from source (lines above)"
@@ -193,9 +208,11 @@ PYTHON
 demo="skipped (--core-only)"
 if [[ $core_only -eq 0 ]]; then
   started=$(now)
+  cpu_now; started_cpu=$cpu
   (cd "$work/run" && "${norust[@]}" "$cellrank" demo --quick --quiet --out "$work/demo") > "$work/demo.log" 2>&1 \
     || { tail -n 30 "$work/demo.log" >&2; die "cellrank demo --quick failed"; }
-  demo="$(since "$started") s, report.md and report.html written"
+  cpu_now
+  demo="$(since "$started") s ($(cpu_since "$started_cpu") s of CPU), report.md and report.html written"
   for report in report.md report.html; do
     [[ -s $work/demo/$report ]] || die "cellrank demo --quick wrote no $report"
   done
@@ -207,6 +224,6 @@ say "OK"
 printf '  %-13s %s (%s bytes, %.2f MB)\n' wheel "$name" "$size" "$(awk -v s="$size" 'BEGIN { print s / 1e6 }')"
 printf '  %-13s %s\n' python "$pyversion, fresh venv without system site-packages" \
   rust "hidden: cargo, rustc, rustup off PATH (no build call reached the tripwires); CARGO_HOME, RUSTUP_HOME empty" \
-  install "$install_s s (pip install --only-binary :all: $([[ $core_only -eq 1 ]] && echo '--no-deps ')WHEEL_FILE; dependencies from $from_index)" \
+  install "$install_s (pip install --only-binary :all: $([[ $core_only -eq 1 ]] && echo '--no-deps ')WHEEL_FILE; dependencies from $from_index)" \
   version "$reported" \
   "demo --quick" "$demo"
