@@ -76,6 +76,9 @@ class TrainConfig:
     device: str = "auto"
     max_seconds: float | None = None  # stop cleanly (with a checkpoint) after this wall time
     quiet: bool = False
+    # Parameters whose names start with one of these prefixes train at lr × the factor (e.g. a
+    # freshly initialised classification head beside a pretrained encoder).
+    lr_scales: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.schedule not in ("linear", "cosine", "constant"):
@@ -120,15 +123,19 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    decay, no_decay = [], []
+    """AdamW without weight decay on biases and LayerNorms; `cfg.lr_scales` set per-prefix rates."""
+    groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = not (p.ndim < 2 or "LayerNorm" in name)
+        scale = next((f for prefix, f in cfg.lr_scales if name.startswith(prefix)), 1.0)
+        groups.setdefault((decay, scale), []).append(p)
+    params = [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": cfg.lr * scale}
+              for (decay, scale), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
     # The fused kernel exists for CUDA and CPU (on CPU it is ~10x faster than the default loop).
     fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
 
 
 def autocast(cfg: TrainConfig, device: torch.device):
