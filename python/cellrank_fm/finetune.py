@@ -69,7 +69,9 @@ def gene_set_ids(shards) -> list[str] | None:
         return None
     stored = shards.path / GENE_SET_FILE
     if stored.is_file():
-        return sorted(json.loads(stored.read_text()))
+        from cellrank_fm.outputs import REMAKE_SHARDS, read_json
+
+        return sorted(read_json(stored, REMAKE_SHARDS))
     from cellrank_fm.genes import load_gene_set, resolve_gene_set
 
     source = Path(str(info.get("source", "")))

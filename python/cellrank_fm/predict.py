@@ -62,7 +62,9 @@ def load_for_inference(model_dir: str | Path, expect: str = "any", device: str =
     version = ours.get("model_version") or ("v2" if "<cls>" in vocab else "v1")
     gene_set = None
     if (model_dir / GENE_SET_FILE).is_file():
-        gene_set = json.loads((model_dir / GENE_SET_FILE).read_text())
+        from cellrank_fm.outputs import REMAKE_MODEL, read_json
+
+        gene_set = read_json(model_dir / GENE_SET_FILE, REMAKE_MODEL)
     mapping = None
     if gene_map:
         mapping = load_mapping([str(p) for p in gene_map])

@@ -99,10 +99,31 @@ class Task(Protocol):
 
 def pick_device(name: str = "auto") -> torch.device:
     if name != "auto":
-        return torch.device(name)
+        return check_device(name)
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+def check_device(name: str) -> torch.device:
+    """The device `name` asks for, if this machine has it; else one sentence saying what it has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"--device {name} asks for a GPU but PyTorch sees none on this machine (no CUDA "
+                            "device or driver); use --device cpu, or auto to take a GPU when there is one")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"--device {name} asks for GPU {device.index} but this machine has {count} "
+                            f"(cuda:0 to cuda:{count - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name} asks for Apple's GPU (MPS) but PyTorch cannot use one here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -201,7 +222,13 @@ def _truncate_metrics(out_dir: Path, after_step: int) -> None:
     path = out_dir / METRICS
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= after_step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= after_step:
+                keep.append(line)
+        except ValueError:
+            continue  # a line cut short when the crashed run was killed
     path.write_text("".join(line + "\n" for line in keep))
 
 
@@ -228,7 +255,12 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, out_dir: str | P
     if resume:
         from cellrank_fm.checkpoint import load_weights_into, read_weights
 
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - a truncated pickle fails in many ways
+            from cellrank_fm.outputs import damaged
+
+            raise damaged(state_path, err, "run again with --overwrite to start from scratch") from None
         load_weights_into(model, read_weights(out_dir), str(out_dir))
         step = int(state["step"])
         model.to(device)
