@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -256,6 +257,70 @@ def claiming(*params: str):
         return wrapped
 
     return wrap
+
+
+def check_new_directory(out: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse to write the directory `out` over a file, or over files unless `overwrite`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a directory; choose another --out")
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace it or choose another --out")
+
+
+@contextlib.contextmanager
+def new_directory(out: str | os.PathLike, overwrite: bool) -> Iterator[Claim]:
+    """Claim `out` for a directory written whole (e.g. through `atomic_path`), checked first."""
+    with claim(out) as output:
+        check_new_directory(out, overwrite)
+        yield output
+
+
+def partial_path(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"
+
+
+@contextlib.contextmanager
+def partial_directory(out: str | os.PathLike, record: dict, *, resume: bool, overwrite: bool,
+                      has_checkpoint) -> Iterator[tuple[Path, bool]]:
+    """A directory built in `.NAME.partial` beside `out` and moved into place once complete.
+
+    Yields (work directory, resuming). `record` (JSON-able: the inputs and settings) is kept
+    beside the work, and `resume=True` continues an interrupted run only if it is the same;
+    `has_checkpoint(work)` says whether there is progress to resume from. A failure removes the
+    work unless it holds a checkpoint (that progress stays for --resume); an interruption
+    keeps it.
+    """
+    out = Path(out)
+    work = partial_path(out)
+    record = json.loads(json.dumps(record, default=str))
+    with claim(out):
+        record_path = work / "run.json"
+        resuming = resume and has_checkpoint(work) and record_path.is_file()
+        if resuming:
+            if read_json(record_path, "run again without --resume to start from scratch") != record:
+                raise UserError(f"cannot resume {out}: its inputs or settings differ from this run's; rerun with the "
+                                "same ones, or without --resume to start again")
+        else:
+            check_new_directory(out, overwrite)
+            if resume:
+                print(f"note: {out} has no interrupted run to resume; starting from scratch", file=sys.stderr)
+            remove(work)
+            work.mkdir(parents=True)
+            record_path.write_text(json.dumps(record, indent=1))
+        try:
+            yield work, resuming
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            if not has_checkpoint(work):
+                remove(work)
+            raise
+        record_path.unlink()
+        if out.exists():
+            remove(out)  # empty, or replaced with --overwrite
+        os.replace(work, out)
 
 
 def _with_path(err: OSError, path: Path) -> OSError:

@@ -10,7 +10,6 @@ under its final name only when complete.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 
 from cellrank_fm.errors import UserError, atomic_path
 from cellrank_fm.genes import GENE_MAP_FILE, GeneMapping, load_mapping
+from cellrank_fm.outputs import claiming
 
 CHUNK_CELLS = 32768
 
@@ -112,6 +112,7 @@ def open_h5ad(path: str | Path):
 def tokenized_chunks(path: Path, lm: LoadedModel, chunk_cells: int = CHUNK_CELLS,
                      layer: str | None = None) -> Iterator[tuple[int, list[np.ndarray], np.ndarray]]:
     """(first row, tokens, ok) for each row chunk of the h5ad, tokenized as the model expects."""
+    from cellrank_fm.readers import FILE_ERRORS, unreadable
     from cellrank_fm.tokenize import tokenize_in_memory
 
     adata = open_h5ad(path)
@@ -121,7 +122,11 @@ def tokenized_chunks(path: Path, lm: LoadedModel, chunk_cells: int = CHUNK_CELLS
     try:
         n = adata.n_obs
         for start in range(0, n, chunk_cells):
-            part = adata[start:min(n, start + chunk_cells)].to_memory()
+            stop = min(n, start + chunk_cells)
+            try:
+                part = adata[start:stop].to_memory()
+            except FILE_ERRORS as err:  # a damaged file fails inside anndata and h5py
+                raise unreadable(path, err, f" at rows {start}-{stop}") from None
             res = tokenize_in_memory(
                 part, lm.vocabulary, lm.medians, model_version=lm.model_version,
                 model_input_size=lm.model_input_size, gene_id_column=column,
@@ -156,6 +161,7 @@ def write_results(input_path: Path, out_path: Path, obs_columns: dict, obsm: dic
                     write_elem(f[group], name, value)
 
 
+@claiming("out_path")
 def predict_file(model_dir: str | Path, input_path: str | Path, out_path: str | Path, *,
                  tokens_per_batch: int = 32768, chunk_cells: int = CHUNK_CELLS, layer: str | None = None,
                  gene_id_column: str | None = None, gene_map=(), device: str = "auto",

@@ -130,8 +130,6 @@ class ShardSet:
     @cached_property
     def lengths(self) -> np.ndarray:
         """Token count of every cell, uint32 [cells], read from the `length` columns only."""
-        import pyarrow.parquet as pq
-
         out = np.empty(len(self), dtype=np.uint32)
         for i, f in enumerate(self.part_files):
             col = read_part(f, ["length"]).column("length").to_numpy()
