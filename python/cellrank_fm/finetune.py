@@ -27,8 +27,6 @@ from cellrank_fm.metrics import classification_metrics, write_json
 from cellrank_fm.splits import SHARD_HINT, Split, split_cells
 
 GENE_SET_FILE = "gene_set.json"
-BEST_WEIGHTS = "best.safetensors"  # checkpoint files of a fine-tuning run, in DIR/training
-TASK_STATE = "task_state.json"
 
 
 @dataclass
@@ -234,32 +232,19 @@ class CellClassificationTask:
     def should_stop(self) -> bool:
         return self.stop
 
-    # What a checkpoint holds beyond the loop's own state, so that a resumed run ends as an
-    # uninterrupted one: the current and the best weights, and the early-stopping record.
-    STATE_FIELDS = ("best_f1", "best_eval", "since_best", "stop", "history")
-
     def save(self, model, out_dir: Path, extra: dict) -> None:
-        from safetensors.torch import save_file
+        """Nothing mid-run: the best weights are kept in memory and written once at the end."""
 
-        from cellrank_fm.checkpoint import WEIGHTS, state_dict_for_saving, write_json
+    # What a checkpoint holds beyond the loop's own state, so that a resumed run ends as an
+    # uninterrupted one: the best weights so far and the early-stopping record.
+    STATE_FIELDS = ("best_f1", "best_eval", "since_best", "stop", "history", "best_state")
 
-        with atomic_path(out_dir / WEIGHTS) as tmp:
-            save_file(state_dict_for_saving(model), str(tmp))
-        if self.best_state is not None:
-            with atomic_path(out_dir / BEST_WEIGHTS) as tmp:
-                save_file({k: v.contiguous() for k, v in self.best_state.items()}, str(tmp))
-        write_json(out_dir / TASK_STATE, {k: getattr(self, k, None) for k in self.STATE_FIELDS})
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k, None) for k in self.STATE_FIELDS}
 
-    def restore(self, out_dir: Path) -> None:
-        """The state `save` wrote at the last checkpoint."""
-        from safetensors.torch import load_file
-
-        from cellrank_fm.outputs import read_json
-
-        for k, v in read_json(out_dir / TASK_STATE, "run again without --resume").items():
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
             setattr(self, k, v)
-        if (out_dir / BEST_WEIGHTS).is_file():
-            self.best_state = load_file(str(out_dir / BEST_WEIGHTS))
 
 
 def class_weights_for(codes: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -329,13 +314,7 @@ def finetune_cells(shard_dir: str | Path, out: str | Path, opts: FinetuneOptions
             max_seconds=opts.max_seconds, quiet=opts.quiet,
         )
         cfg.checkpoint_every = cfg.eval_every  # resumable at every evaluation (--resume)
-        if resuming:
-            task.restore(tmp / "training")
-        if resuming and task.stop:  # stopped early at the last checkpoint: nothing left to train
-            state = torch.load(tmp / "training" / STATE, map_location="cpu", weights_only=False)
-            summary = {"step": int(state["step"]), "seconds": 0.0}
-        else:
-            summary = train(model, task, cfg, tmp / "training", resume=resuming)
+        summary = train(model, task, cfg, tmp / "training", resume=resuming)
         # The best checkpoint (by validation macro-F1) becomes the model; without a validation
         # split, the last weights do.
         if task.best_state is not None:
@@ -373,9 +352,8 @@ def finetune_cells(shard_dir: str | Path, out: str | Path, opts: FinetuneOptions
                                                [h["macro_f1"] for h in task.history])},
                       tmp / "validation_curve.png", xlabel="evaluation", ylabel="macro-F1")
         _write_split_csv(tmp / "split.csv", cell_ids, split)
-        # The checkpoints only served --resume; the log stays.
-        for name in (STATE, "model.safetensors", BEST_WEIGHTS, TASK_STATE):
-            (tmp / "training" / name).unlink(missing_ok=True)
+        # The checkpoint only served --resume; the log stays.
+        (tmp / "training" / STATE).unlink(missing_ok=True)
     return {"metrics": metrics, "baseline": baseline, "split": split}
 
 

@@ -75,7 +75,9 @@ class OutputLock:
         except OSError as err:
             self.release()
             # The lock is the first thing written: name the output, not the lock file.
-            raise _with_path(err, self.target) from None
+            if err.filename is None or os.fsdecode(err.filename) == str(self.path):
+                err.filename = str(self.target)
+            raise
         return self
 
     def _flock(self) -> int | None:
@@ -169,10 +171,11 @@ def sweep_temporaries(target: str | os.PathLike) -> list[Path]:
 
 
 def remove(path: Path) -> None:
+    """Best effort: cleaning up must never hide the error that made it necessary."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             path.unlink()
 
 
@@ -367,10 +370,24 @@ def os_errno(err: OSError) -> int | None:
     return int(m.group(1) or m.group(2)) if m else None
 
 
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _final_name(path: str) -> str:
+    """A temporary's final name (`.NAME.tmp-XXXXXXXX` -> NAME): what the user asked to write."""
+    p = Path(path)
+    if _TEMPORARY.match(p.name):
+        return str(p.with_name(re.sub(r"\.tmp(-[0-9a-f]{8})?$", "", p.name[1:])))
+    return str(path)
+
+
 def describe_os_error(err: OSError) -> str:
     """One sentence: the path, the cause in plain words (with the system's own), what to do."""
     code = os_errno(err)
-    where = str(err.filename) if err.filename is not None else "a file operation"
+    path = err.filename
+    if code in _WRITE_ERRORS and err.filename2 is not None:
+        path = err.filename2  # a copy or rename failed writing its destination
+    where = _final_name(os.fsdecode(path)) if path is not None else "a file operation"
     if code in _CAUSES:
         cause, advice = _CAUSES[code]
         words = err.strerror or os.strerror(code)

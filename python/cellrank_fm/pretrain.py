@@ -232,7 +232,8 @@ def _prepare_out(out: Path, output: Claim, resume: bool, overwrite: bool) -> boo
     held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     # A run killed before its first checkpoint leaves only its log: nothing to resume or keep.
     if held == [METRICS] and not has_state and not overwrite:
-        _note(output, f"{out} holds only the log of a run stopped before its first checkpoint; starting from scratch")
+        _note(output, f"{out} holds no checkpoint{' to resume' if resume else ''}, only the log of a run stopped "
+                      "before its first one; starting from scratch")
         overwrite = True
     if resume and not has_state:
         if held and not overwrite:
