@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli_helpers import exit_code, fails, run
+from cli_helpers import fails, run
 
 GENES = [f"ENSG{i:011d}" for i in range(2, 32)]
 VOCAB = {"<pad>": 0, "<mask>": 1, **{g: i + 2 for i, g in enumerate(GENES)}}
@@ -185,7 +185,10 @@ def read_only(monkeypatch, root: Path):
     """Every write under `root` fails with EROFS, as on a read-only mount (tests may run as root,
     where chmod would not stop them)."""
     root = str(root.resolve())
-    inside = (lambda p: (q := os.path.abspath(os.fsdecode(p))) == root or q.startswith(root + os.sep))
+
+    def inside(p) -> bool:
+        q = os.path.abspath(os.fsdecode(p))
+        return q == root or q.startswith(root + os.sep)
 
     def deny(p):
         raise OSError(errno.EROFS, "Read-only file system", os.fsdecode(p))

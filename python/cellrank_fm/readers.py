@@ -555,8 +555,12 @@ def _find(directory: Path, stems: Sequence[str]) -> Path | None:
 
 def _read_tsv(path: Path) -> list[list[str]]:
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt") as fh:
-        return [line.rstrip("\n").split("\t") for line in fh if line.strip()]
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            return [line.rstrip("\n").split("\t") for line in fh if line.strip()]
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} holds text that is not UTF-8 (byte {err.start}: "
+                        f"{err.object[err.start:err.start + 8]!r}); re-save it as UTF-8") from None
 
 
 class MtxReader(MatrixReader):
