@@ -520,6 +520,27 @@ def test_tokenize_killed_resumes_to_the_same_shards(env, tmp_path):
     assert listing(tmp_path) == ["out", "whole", "x.h5ad"]
 
 
+def test_pretrain_killed_between_model_files_and_state_resumes_to_the_same_weights(env, tmp_path):
+    from safetensors.torch import load_file
+
+    args = ["pretrain", env / "shards", "--max-steps", "6", "--checkpoint-every", "2", "--tokens-per-batch", "512",
+            "--lr", "3e-3", "--device", "cpu", "--quiet"]
+    out = tmp_path / "pre"
+    # Killed once the step-4 model files are written but before its trainer_state.pt: the
+    # directory's weights are a checkpoint newer than its training state.
+    proc = cellrank_subprocess([*args, "--out", out],
+                               before=killed_after("cellrank_fm.pretrain", "MaskedGeneTask.save", 2))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    run([*args, "--out", out, "--resume"])
+    run([*args, "--out", tmp_path / "whole"])
+    a, b = load_file(out / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.allclose(a[k].numpy(), b[k].numpy(), rtol=0, atol=1e-6), k
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [json.loads(line)["step"] for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_finetune_killed_resumes_to_the_same_model(env, tmp_path, capsys):
     from safetensors.torch import load_file
 
