@@ -267,8 +267,8 @@ def finetune_cells(shard_dir: str | Path, out: str | Path, opts: FinetuneOptions
     """
     from cellrank_fm.checkpoint import save_model_dir
     from cellrank_fm.plots import confusion_matrix_png, curve_png
-    from cellrank_fm.shards import ShardSet
     from cellrank_fm.outputs import check_new_directory, partial_directory
+    from cellrank_fm.shards import ShardSet
     from cellrank_fm.train import STATE, TrainConfig, train
 
     out = Path(out)
@@ -487,11 +487,10 @@ def finetune_genes(shard_dir: str | Path, out: str | Path, gene_labels: str | Pa
 
     from cellrank_fm.checkpoint import save_model_dir
     from cellrank_fm.model import BertForTokenClassification, preset_config
+    from cellrank_fm.outputs import check_new_directory, new_directory
     from cellrank_fm.plots import roc_png
     from cellrank_fm.shards import ShardSet, check_vocabulary
     from cellrank_fm.train import TrainConfig, train
-
-    from cellrank_fm.outputs import check_new_directory, new_directory
 
     out = Path(out)
     check_new_directory(out, overwrite)

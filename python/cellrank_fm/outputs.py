@@ -47,7 +47,7 @@ except ImportError:  # not POSIX: locks fall back to the recorded PID
 # Temporaries: atomic_path's `.NAME.tmp-XXXXXXXX` and the shard writer's `.part-NNNNN.parquet.tmp`.
 _TEMPORARY = re.compile(r"^\..+\.tmp-[0-9a-f]{8}$|^\.part-\d{5}\.parquet\.tmp$")
 # flock is not offered everywhere (some network and FUSE filesystems).
-_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+_NO_FLOCK = {getattr(errno, n, None) for n in ("ENOLCK", "EOPNOTSUPP", "ENOSYS", "EINVAL")} - {None}
 
 
 def lock_path(target: str | os.PathLike) -> Path:
@@ -71,7 +71,8 @@ class OutputLock:
                 self._fd = self._by_pid()
             info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
             os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, json.dumps(info).encode(), 0)
+            os.lseek(self._fd, 0, os.SEEK_SET)
+            os.write(self._fd, json.dumps(info).encode())
         except OSError as err:
             self.release()
             # The lock is the first thing written: name the output, not the lock file.
@@ -136,7 +137,8 @@ class OutputLock:
 
 def _holder(fd: int) -> dict:
     try:
-        return json.loads(os.pread(fd, 4096, 0) or b"{}")
+        os.lseek(fd, 0, os.SEEK_SET)
+        return json.loads(os.read(fd, 4096) or b"{}")
     except (OSError, ValueError):
         return {}
 
@@ -145,8 +147,8 @@ def _alive(holder: dict) -> bool:
     pid = holder.get("pid")
     if not isinstance(pid, int):
         return True  # unreadable: assume held rather than take it from a live run
-    if holder.get("host", socket.gethostname()) != socket.gethostname():
-        return True  # cannot tell from here
+    if holder.get("host", socket.gethostname()) != socket.gethostname() or sys.platform == "win32":
+        return True  # cannot tell from here (on Windows, os.kill would end the process)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -340,37 +342,47 @@ def _with_path(err: OSError, path: Path) -> OSError:
 _FREE = "free some space and run the command again"
 _ELSEWHERE = "choose an output location you can write to"
 _CAUSES = {
-    errno.ENOSPC: ("the disk is full", _FREE),
-    errno.EDQUOT: ("the disk quota is used up", _FREE),
-    errno.EFBIG: ("the file grew past the size the file system or this process's limit (ulimit -f) allows",
+    getattr(errno, name, None): words for name, words in {
+        "ENOSPC": ("the disk is full", _FREE),
+        "EDQUOT": ("the disk quota is used up", _FREE),
+        "EFBIG": ("the file grew past the size the file system or this process's limit (ulimit -f) allows",
                   "write to another disk or raise the limit"),
-    errno.EROFS: ("the file system is read-only", _ELSEWHERE),
-    errno.EACCES: ("permission denied", "check its permissions or " + _ELSEWHERE),
-    errno.EPERM: ("the operation is not permitted", "check its permissions or " + _ELSEWHERE),
-    errno.ENOTDIR: ("a part of the path is a file, not a directory", "choose another path"),
-    errno.EISDIR: ("it is a directory where a file was expected", "choose another path"),
-    errno.ENOENT: ("it does not exist", "check the path"),
-    errno.EEXIST: ("it already exists", "remove it or choose another path"),
-    errno.ENOTEMPTY: ("the directory is not empty", "remove it or choose another path"),
-    errno.ENAMETOOLONG: ("the name is too long", "choose a shorter path"),
-    errno.EMFILE: ("too many files are open", "raise the limit (ulimit -n) and run the command again"),
-    errno.ENFILE: ("too many files are open on this system", "close some programs and run the command again"),
-    errno.EIO: ("the device reported an input/output error", "check the disk and run the command again"),
-    errno.ESTALE: ("the network file handle went stale", "run the command again"),
-    errno.ENOMEM: ("there is not enough memory", "use smaller chunks or a machine with more memory"),
+        "EROFS": ("the file system is read-only", _ELSEWHERE),
+        "EACCES": ("permission denied", "check its permissions or " + _ELSEWHERE),
+        "EPERM": ("the operation is not permitted", "check its permissions or " + _ELSEWHERE),
+        "ENOTDIR": ("a part of the path is a file, not a directory", "choose another path"),
+        "EISDIR": ("it is a directory where a file was expected", "choose another path"),
+        "ENOENT": ("it does not exist", "check the path"),
+        "EEXIST": ("it already exists", "remove it or choose another path"),
+        "ENOTEMPTY": ("the directory is not empty", "remove it or choose another path"),
+        "ENAMETOOLONG": ("the name is too long", "choose a shorter path"),
+        "EMFILE": ("too many files are open", "raise the limit (ulimit -n) and run the command again"),
+        "ENFILE": ("too many files are open on this system", "close some programs and run the command again"),
+        "EIO": ("the device reported an input/output error", "check the disk and run the command again"),
+        "ESTALE": ("the network file handle went stale", "run the command again"),
+        "ENOMEM": ("there is not enough memory", "use smaller chunks or a machine with more memory"),
+    }.items()
 }
+_CAUSES.pop(None, None)  # names this platform's errno lacks
 # Errors raised with a message only: HDF5's "errno = 28", Rust's "(os error 28)".
 _ERRNO_IN_TEXT = re.compile(r"errno = (\d+)|\(os error (\d+)\)")
+
+
+def _message(err: OSError) -> str:
+    # Not str(err): once a file name is set on a message-only error, str() drops the message.
+    if err.strerror:
+        return str(err.strerror)
+    return " ".join(str(a) for a in err.args) if err.args else type(err).__name__
 
 
 def os_errno(err: OSError) -> int | None:
     if err.errno is not None:
         return err.errno
-    m = _ERRNO_IN_TEXT.search(str(err))
+    m = _ERRNO_IN_TEXT.search(_message(err))
     return int(m.group(1) or m.group(2)) if m else None
 
 
-_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+_WRITE_ERRORS = {getattr(errno, n, None) for n in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS")} - {None}
 
 
 def _final_name(path: str) -> str:
@@ -390,9 +402,11 @@ def describe_os_error(err: OSError) -> str:
     where = _final_name(os.fsdecode(path)) if path is not None else "a file operation"
     if code in _CAUSES:
         cause, advice = _CAUSES[code]
-        words = err.strerror or os.strerror(code)
-        return f"{where}: {cause} ({words[:1].lower() + words[1:]}); {advice}"
-    text = (err.strerror or str(err) or type(err).__name__).splitlines()[0]
+        words = err.strerror or os.strerror(code)  # the system's words, not a whole message
+        words = words[:1].lower() + words[1:]
+        said = f" ({words})" if words.lower() != cause.lower() else ""
+        return f"{where}: {cause}{said}; {advice}"
+    text = (_message(err).strip().splitlines() or [type(err).__name__])[0]
     return f"{where}: {text}; check the path and the disk, then run the command again"
 
 

@@ -24,8 +24,8 @@ import torch
 from cellrank_fm.batching import MaskingSpec, pack_masked, token_budget_batches
 from cellrank_fm.checkpoint import is_model_dir, load_model_dir, read_config, save_model_dir
 from cellrank_fm.errors import UserError
-from cellrank_fm.outputs import Claim, claim
 from cellrank_fm.model import BertForMaskedLM, ModelConfig, preset_config
+from cellrank_fm.outputs import Claim, claim
 from cellrank_fm.shards import ShardSet, check_vocabulary
 from cellrank_fm.train import METRICS, STATE, TrainConfig, train
 

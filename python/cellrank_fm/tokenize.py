@@ -144,7 +144,8 @@ def gene_labels(reader: MatrixReader, gene_id_column: str | None) -> tuple[list[
     symbol_column = next((c for c in SYMBOL_COLUMNS if c in reader.var_columns() and c != gene_id_column), None)
     symbols = reader.var_column(symbol_column) if symbol_column else None
     labels = reader.var_column(gene_id_column) if gene_id_column else reader.var_names
-    for values, what in ((labels, f"gene column {gene_id_column!r}"), (symbols, f"gene column {symbol_column!r}")):
+    named = f"gene column {gene_id_column!r}" if gene_id_column else "var_names"
+    for values, what in ((labels, named), (symbols, f"gene column {symbol_column!r}")):
         if values is not None and len(values) != reader.n_cols:  # each label indexes a matrix column
             raise UserError(f"{reader.path}: {what} holds {len(values)} names for {reader.n_cols} genes; "
                             "the file is damaged")

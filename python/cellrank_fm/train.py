@@ -31,9 +31,9 @@ batches, gloo on CPU, nccl on CUDA), AdamW (fused; no weight decay on biases and
 LayerNorms), linear warmup then linear or cosine decay, gradient accumulation and clipping,
 bf16 autocast on CUDA, optional `torch.compile`, a progress bar with tokens/s and loss,
 metrics as JSON lines (`metrics.jsonl`), and checkpoints (`trainer_state.pt` beside the
-model files: step, weights, optimizer, scheduler and task state, in one file written
-atomically, so a kill at any moment leaves the last whole checkpoint). Dropout randomness is reseeded from
-(seed, step, rank) at every step and the data position is the number of batches consumed, so
+model files: step, weights, optimizer, scheduler and task state in one file written
+atomically, so a kill at any moment leaves the last whole checkpoint). Dropout randomness is
+reseeded from (seed, step, rank) at every step and the data position is the number of batches consumed, so
 `resume=True` continues an interrupted run to the same weights as an uninterrupted one.
 """
 
