@@ -401,6 +401,28 @@ def test_8_predict_sweeps_stale_temporaries(env, tmp_path):
     assert listing(tmp_path) == [".p.h5ad.tmp-notours", "p.h5ad"]
 
 
+def test_7_overwrite_wherever_a_directory_is_written(env, tmp_path, capsys):
+    """Commands that write a directory refuse one that holds files, and replace it with --overwrite."""
+    commands = {
+        "explain": ["explain", env / "model", env / "good.h5ad", "--method", "gradient", "--per-class", "1",
+                    "--samples", "2", "--device", "cpu", "--quiet"],
+        "baseline": ["baseline", env / "shards", "--label", "group", "--n-top-genes", "20"],
+        "finetune": ["finetune", env / "shards", "--label", "group", "--preset", "tiny", "--epochs", "0.5",
+                     "--device", "cpu", "--quiet"],
+    }
+    for name, args in commands.items():
+        out = tmp_path / name
+        out.mkdir()
+        (out / "mine.txt").write_text("keep me")
+        one_sentence(*fails([*args, "--out", out], capsys), f"{out} already exists and is not empty",
+                     "--overwrite")
+        assert listing(out) == ["mine.txt"]
+        run([*args, "--out", out, "--overwrite"])
+        capsys.readouterr()
+        assert "mine.txt" not in listing(out) and len(listing(out)) > 1, name
+    assert listing(tmp_path) == sorted(commands)
+
+
 # ---------------------------------------------------------------------------------------------
 # 9-11. Damaged artefacts and options that cannot be met.
 
