@@ -136,7 +136,7 @@ pub struct StructureError {
 /// non-empty, starts at or above 0 and never decreases; it spans exactly the `indices.len()`
 /// column indices and `n_data` values the chunk holds; every column index is in `0..n_cols`.
 /// Corrupt files break these, and every later step (shares of counts, totals, ranking)
-/// indexes by them. The column scan is a vectorised min/max over all indices; only a chunk
+/// indexes by them. The column scan is one vectorised pass over all indices; only a chunk
 /// that fails it is scanned row by row, to name the first bad row.
 pub fn check_structure<P: Index, I: Index>(
     indptr: &[P],
@@ -171,11 +171,10 @@ pub fn check_structure<P: Index, I: Index>(
             ),
         );
     }
-    let (lo, hi) = indices.iter().fold((i64::MAX, i64::MIN), |(lo, hi), c| {
-        let c = c.to_i64();
-        (lo.min(c), hi.max(c))
-    });
-    if indices.is_empty() || (lo >= 0 && (hi as u64) < n_cols as u64) {
+    // As u64 a negative index is huge, so one unsigned comparison catches both ends; the
+    // branch-free OR reduction vectorises.
+    let n = n_cols as u64;
+    if !indices.iter().fold(false, |outside, c| outside | (c.to_i64() as u64 >= n)) {
         return Ok(());
     }
     for r in 0..rows {

@@ -418,8 +418,12 @@ def _prepare_out_dir(out: Path, run_record: dict, resume: bool, overwrite: bool,
             output.replaced()
         elif overwrite:
             raise UserError(f"{out} holds files that are not a cellrank shard set; refusing to overwrite it")
+        elif resume:
+            raise UserError(f"{out} holds files but no cellrank run to resume; choose another --out")
         else:
             raise UserError(f"{out} already exists and is not empty; pass --resume to continue it or --overwrite to replace it")
+    elif resume:
+        print(f"note: {out} holds no run to resume; starting from scratch", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(run_path) as tmp:
         tmp.write_text(json.dumps(run_record, indent=1))
