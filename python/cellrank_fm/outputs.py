@@ -118,12 +118,14 @@ class OutputLock:
 
     def _busy(self, holder: dict) -> UserError:
         who = f"process {holder['pid']}" if holder.get("pid") else "another process"
+        gone = ""
         if holder.get("host") and holder["host"] != socket.gethostname():
             who += f" on {holder['host']}"
+            gone = f" (if that run is gone, delete {self.path})"  # its liveness cannot be checked from here
         since = f", running since {holder['started']}" if holder.get("started") else ""
         return UserError(
             f"{self.target} is being written by another cellrank run ({who}{since}); wait for it to "
-            f"finish or choose another output"
+            f"finish or choose another output{gone}"
         )
 
     def release(self) -> None:
