@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from cellrank_fm.errors import UserError, atomic_path
+from cellrank_fm.outputs import claiming
 from cellrank_fm.predict import CHUNK_CELLS, load_for_inference, open_h5ad, tokenized_chunks, write_results
 
 
@@ -60,6 +61,7 @@ def umap_coords(x: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.ndarr
         return reducer.fit_transform(x).astype(np.float32)
 
 
+@claiming("out_path", "genes_out", "umap_png")
 def embed_file(model_dir: str | Path, input_path: str | Path, out_path: str | Path, *, layer: int = -1,
                pooling: str | None = None, genes_out: str | Path | None = None,
                umap_color: str | None = None, umap_png: str | Path | None = None, seed: int = 0,

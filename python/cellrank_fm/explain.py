@@ -527,12 +527,14 @@ def top_genes(importance, cls: str, k: int = 10, column: str = "gene_id") -> lis
 # ----------------------------------------------------------------------------- outputs
 
 
-def write_outputs(result: ExplainResult, out_dir: str | Path, top: int = 20) -> Path:
+def write_outputs(result: ExplainResult, out_dir: str | Path, top: int = 20, overwrite: bool = False) -> Path:
     """Parquet/CSV tables and PNG plots into `out_dir` (written whole or not at all)."""
     import json
 
+    from cellrank_fm.outputs import new_directory
+
     out_dir = Path(out_dir)
-    with atomic_path(out_dir) as tmp:
+    with new_directory(out_dir, overwrite), atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         result.values.to_parquet(tmp / "shap_values.parquet", index=False)
         result.cells.to_parquet(tmp / "cells.parquet", index=False)

@@ -215,12 +215,14 @@ def perturb(
     ))
 
 
-def write_outputs(result: PerturbResult, out_dir: str | Path, top: int = 20) -> Path:
+def write_outputs(result: PerturbResult, out_dir: str | Path, top: int = 20, overwrite: bool = False) -> Path:
     """genes.parquet/.csv, shifts.parquet, settings.json and a PNG, all or nothing."""
     import json
 
+    from cellrank_fm.outputs import new_directory
+
     out_dir = Path(out_dir)
-    with atomic_path(out_dir) as tmp:
+    with new_directory(out_dir, overwrite), atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         result.genes.to_parquet(tmp / "genes.parquet", index=False)
         result.genes.to_csv(tmp / "genes.csv", index=False)

@@ -10,7 +10,6 @@ under its final name only when complete.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 
 from cellrank_fm.errors import UserError, atomic_path
 from cellrank_fm.genes import GENE_MAP_FILE, GeneMapping, load_mapping
+from cellrank_fm.outputs import claiming
 
 CHUNK_CELLS = 32768
 
@@ -62,7 +62,9 @@ def load_for_inference(model_dir: str | Path, expect: str = "any", device: str =
     version = ours.get("model_version") or ("v2" if "<cls>" in vocab else "v1")
     gene_set = None
     if (model_dir / GENE_SET_FILE).is_file():
-        gene_set = json.loads((model_dir / GENE_SET_FILE).read_text())
+        from cellrank_fm.outputs import REMAKE_MODEL, read_json
+
+        gene_set = read_json(model_dir / GENE_SET_FILE, REMAKE_MODEL)
     mapping = None
     if gene_map:
         mapping = load_mapping([str(p) for p in gene_map])
@@ -110,6 +112,7 @@ def open_h5ad(path: str | Path):
 def tokenized_chunks(path: Path, lm: LoadedModel, chunk_cells: int = CHUNK_CELLS,
                      layer: str | None = None) -> Iterator[tuple[int, list[np.ndarray], np.ndarray]]:
     """(first row, tokens, ok) for each row chunk of the h5ad, tokenized as the model expects."""
+    from cellrank_fm.readers import FILE_ERRORS, unreadable
     from cellrank_fm.tokenize import tokenize_in_memory
 
     adata = open_h5ad(path)
@@ -119,7 +122,11 @@ def tokenized_chunks(path: Path, lm: LoadedModel, chunk_cells: int = CHUNK_CELLS
     try:
         n = adata.n_obs
         for start in range(0, n, chunk_cells):
-            part = adata[start:min(n, start + chunk_cells)].to_memory()
+            stop = min(n, start + chunk_cells)
+            try:
+                part = adata[start:stop].to_memory()
+            except FILE_ERRORS as err:  # a damaged file fails inside anndata and h5py
+                raise unreadable(path, err, f" at rows {start}-{stop}") from None
             res = tokenize_in_memory(
                 part, lm.vocabulary, lm.medians, model_version=lm.model_version,
                 model_input_size=lm.model_input_size, gene_id_column=column,
@@ -154,6 +161,7 @@ def write_results(input_path: Path, out_path: Path, obs_columns: dict, obsm: dic
                     write_elem(f[group], name, value)
 
 
+@claiming("out_path")
 def predict_file(model_dir: str | Path, input_path: str | Path, out_path: str | Path, *,
                  tokens_per_batch: int = 32768, chunk_cells: int = CHUNK_CELLS, layer: str | None = None,
                  gene_id_column: str | None = None, gene_map=(), device: str = "auto",

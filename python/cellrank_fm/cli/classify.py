@@ -49,6 +49,7 @@ def baseline_cmd(
     validation_fraction: ValFraction = 0.1,
     test_fraction: TestFraction = 0.1,
     min_class_size: MinClassSize = 10,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.", rich_help_panel=OUT)] = False,
 ) -> None:
     """Logistic regression on log-normalised highly variable genes, on the same split as finetune.
 
@@ -57,20 +58,24 @@ def baseline_cmd(
     Example: cellrank baseline shards/ --label condition --out baseline/
     """
     from cellrank_fm.baseline import run_baseline
+    from cellrank_fm.errors import atomic_path
     from cellrank_fm.metrics import metrics_table, print_table, write_json
+    from cellrank_fm.outputs import check_new_directory, new_directory
     from cellrank_fm.plots import confusion_matrix_png
 
     out = out or Path(f"baseline-{label}")
+    check_new_directory(out, overwrite)
     result = run_baseline(
         data, label, n_top_genes=n_top_genes, class_weight=not no_class_weight,
         **_split_kwargs(seed, split_by, split_column, validation_fraction, test_fraction, min_class_size),
     )
     for msg in result.pop("messages", []):
         typer.echo(msg, err=True)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(result, out / "metrics.json")
-    confusion_matrix_png(result["confusion_matrix"], result["classes"], out / "confusion_matrix.png",
-                         title=f"baseline: {label} (test split)")
+    with new_directory(out, overwrite), atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        write_json(result, tmp / "metrics.json")
+        confusion_matrix_png(result["confusion_matrix"], result["classes"], tmp / "confusion_matrix.png",
+                             title=f"baseline: {label} (test split)")
     print_table(metrics_table({"baseline": result}, title=f"{label}: test split"))
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'confusion_matrix.png'}")
 
@@ -92,7 +97,7 @@ Device = Annotated[str, typer.Option("--device", help="auto (GPU when present), 
 @app.command("finetune", rich_help_panel="Classify")
 def finetune_cmd(
     shards: Annotated[Path, typer.Argument(help="Token shard directory from `cellrank tokenize` (with the label kept: --keep-obs COLUMN).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output model directory (must not exist or be empty).", rich_help_panel=OUT)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output model directory (must not exist or be empty, unless --overwrite).", rich_help_panel=OUT)],
     label: Annotated[Optional[str], typer.Option("--label", "-l", metavar="COLUMN", help="Cell metadata column to predict (cell classification).")] = None,
     from_model: Annotated[Optional[Path], typer.Option("--from", metavar="MODEL_DIR", help="Pretrained model directory (from `cellrank pretrain` or a Geneformer checkpoint).", rich_help_panel=MODEL)] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", metavar="NAME", help="Train from scratch with this model size instead (tiny, geneformer-v1, ...).", rich_help_panel=MODEL)] = None,
@@ -111,6 +116,8 @@ def finetune_cmd(
     max_seconds: Annotated[Optional[float], typer.Option("--max-seconds", help="Stop training after this wall time (the best checkpoint is kept).", rich_help_panel=TRAIN)] = None,
     device: Annotated[str, typer.Option("--device", help="auto (GPU when present), cpu, cuda, cuda:1 ...", rich_help_panel=RUN)] = "auto",
     baseline: Annotated[bool, typer.Option("--baseline", help="Also fit the logistic-regression baseline on the same split and print both.", rich_help_panel=OUT)] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run into the same --out (same shards and options give the same model).", rich_help_panel=RUN)] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.", rich_help_panel=OUT)] = False,
     quiet: Quiet = False,
     seed: Seed = 0,
     split_by: SplitBy = None,
@@ -138,7 +145,7 @@ def finetune_cmd(
         result = finetune_genes(shards, out, gene_labels, GeneTaskOptions(
             from_model=from_model, preset=preset, folds=folds, seed=seed, epochs=epochs or 3.0, lr=lr,
             tokens_per_batch=tokens_per_batch, freeze_layers=freeze_layers, max_cells=max_cells or 2000,
-            device=device, quiet=quiet))
+            device=device, quiet=quiet), overwrite=overwrite)
         from rich.table import Table
 
         table = Table(title=f"gene classification: ROC AUC per fold ({result['genes']} genes)")
@@ -162,7 +169,7 @@ def finetune_cmd(
         evals_per_epoch=evals_per_epoch, patience=patience, max_cells=max_cells, device=device,
         max_seconds=max_seconds, quiet=quiet, **split_kw,
     )
-    result = finetune_cells(shards, out, opts, with_baseline=baseline)
+    result = finetune_cells(shards, out, opts, with_baseline=baseline, resume=resume, overwrite=overwrite)
     results = {"cellrank": result["metrics"]}
     if result["baseline"] is not None:
         results["baseline (logistic regression)"] = result["baseline"]

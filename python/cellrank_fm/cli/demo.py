@@ -15,6 +15,7 @@ def demo(
     seed: int = typer.Option(0, help="Seed for the simulation and every random step (same seed, same numbers)."),
     quick: bool = typer.Option(False, "--quick", help="A smaller corpus and shorter training (about a minute)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out directory."),
 ) -> None:
     """Run the whole pipeline on a simulated corpus and write a report with tables and plots.
 
@@ -27,4 +28,4 @@ def demo(
     """
     from cellrank_fm.demo import QUICK, DemoSize, run_demo
 
-    run_demo(out, seed=seed, size=QUICK if quick else DemoSize(), quiet=quiet)
+    run_demo(out, seed=seed, size=QUICK if quick else DemoSize(), quiet=quiet, overwrite=overwrite)

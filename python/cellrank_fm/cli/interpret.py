@@ -21,6 +21,7 @@ Device = Annotated[str, typer.Option("--device", help="auto (CUDA when available
 TokensPerBatch = Annotated[int, typer.Option("--tokens-per-batch", help="Token budget of one packed forward pass.", rich_help_panel=RUN)]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for cell sampling and permutations.", rich_help_panel=CELLS)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.", rich_help_panel=OUT)]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.", rich_help_panel=OUT)]
 
 
 def _split_list(value: Optional[str]) -> Optional[list[str]]:
@@ -47,6 +48,7 @@ def explain_cmd(
     device: Device = "auto",
     tokens_per_batch: TokensPerBatch = 65536,
     quiet: Quiet = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Which genes decide each class: SHAP values of the gene-deletion game.
 
@@ -64,7 +66,9 @@ def explain_cmd(
     from cellrank_fm.errors import UserError
     from cellrank_fm.explain import (METHODS, Evaluator, explain, input_symbols, load_cells, load_classifier,
                                      summary_table, write_outputs)
+    from cellrank_fm.outputs import check_new_directory
 
+    check_new_directory(out, overwrite)  # before minutes of work, and again when writing
     if method not in METHODS:
         raise UserError(f"unknown --method {method!r}; use permutation or gradient.")
     if per_class is not None and per_class < 1:
@@ -83,7 +87,7 @@ def explain_cmd(
     result = explain(evaluator, cells, method=method, symbols=symbols, label_column=label, classes=wanted, all_classes=all_classes,
                      per_class=per_class, npermutations=permutations, nsamples=samples, seed=seed, quiet=quiet)
     result.settings.update(model=str(model_dir), input=str(input))
-    write_outputs(result, out, top=top)
+    write_outputs(result, out, top=top, overwrite=overwrite)
     if not quiet:
         console = Console()
         console.print(summary_table(result))
@@ -109,6 +113,7 @@ def perturb_cmd(
     device: Device = "auto",
     tokens_per_batch: TokensPerBatch = 65536,
     quiet: Quiet = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """In silico perturbation: delete or overexpress genes and measure the shift toward a goal state.
 
@@ -123,9 +128,11 @@ def perturb_cmd(
 
     from cellrank_fm.errors import UserError
     from cellrank_fm.explain import Evaluator, input_symbols, load_cells
+    from cellrank_fm.outputs import check_new_directory
     from cellrank_fm.perturb import MODES, perturb, resolve_genes, summary_table, write_outputs
     from cellrank_fm.predict import load_for_inference
 
+    check_new_directory(out, overwrite)  # before minutes of work, and again when writing
     if mode not in MODES:
         raise UserError(f"unknown --mode {mode!r}; use delete or overexpress.")
     lm = load_for_inference(model_dir, expect="any", device=device)
@@ -147,7 +154,7 @@ def perturb_cmd(
                      alt_states=_split_list(alt_states) or [], genes=gene_ids, as_set=as_set, mode=mode, layer=layer,
                      max_cells=max_cells, null_genes=null_genes, seed=seed, quiet=quiet)
     result.settings.update(model=str(model_dir), input=str(input))
-    write_outputs(result, out)
+    write_outputs(result, out, overwrite=overwrite)
     if not quiet:
         Console().print(summary_table(result))
         Console().print(f"results in {out}/")

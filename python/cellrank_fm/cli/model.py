@@ -36,7 +36,8 @@ def pretrain(
     eval_every: int = typer.Option(0, "--eval-every", help="Validate every N steps (0 = at the start and the end only).", rich_help_panel=_RUN),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Write a resumable checkpoint every N steps (and always at the end).", rich_help_panel=_RUN),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation, data order, masking and dropout.", rich_help_panel=_RUN),
-    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out (same options give the same result).", rich_help_panel=_RUN),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out (same options give the same result); without a checkpoint, start from scratch.", rich_help_panel=_RUN),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what --out holds (a model or an earlier run) instead of refusing.", rich_help_panel=_RUN),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (faster on GPU after a warm-up).", rich_help_panel=_RUN),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ...", rich_help_panel=_RUN),
     no_bf16: bool = typer.Option(False, "--no-bf16", help="Train in fp32 on GPU (default: bf16 autocast).", rich_help_panel=_RUN),
@@ -65,7 +66,7 @@ def pretrain(
     summary = run(
         shards, out, preset=preset, config=str(config) if config else None,
         from_dir=str(from_dir) if from_dir else None, val_shards_dir=str(val) if val else None,
-        val_fraction=val_fraction, val_max_cells=val_max_cells, resume=resume, train_config=cfg,
+        val_fraction=val_fraction, val_max_cells=val_max_cells, resume=resume, overwrite=overwrite, train_config=cfg,
     )
     import os
 
