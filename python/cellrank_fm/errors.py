@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -15,6 +16,13 @@ class UserError(Exception):
 
     The CLI prints the message as one sentence and exits with code 2; never raise it for bugs.
     """
+
+
+def warn(message: str, collected: list[str] | None = None) -> None:
+    """Print `warning: message` on stderr (always, even when quiet) and keep it in `collected`."""
+    if collected is not None:
+        collected.append(message)
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

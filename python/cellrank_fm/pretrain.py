@@ -11,6 +11,7 @@ top ranks are dominated by a few ubiquitous genes) and the most frequent token o
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -23,13 +24,24 @@ import torch
 
 from cellrank_fm.batching import MaskingSpec, pack_masked, token_budget_batches
 from cellrank_fm.checkpoint import is_model_dir, load_model_dir, read_config, save_model_dir
-from cellrank_fm.errors import UserError
+from cellrank_fm.errors import UserError, warn
+from cellrank_fm.metrics import write_json
 from cellrank_fm.model import BertForMaskedLM, ModelConfig, preset_config
 from cellrank_fm.outputs import Claim, claim
-from cellrank_fm.shards import ShardSet, check_vocabulary
+from cellrank_fm.shards import CACHE_TOKENS, ShardSet, check_vocabulary
 from cellrank_fm.train import METRICS, STATE, TrainConfig, train
 
 BASELINE_TOKEN_BUDGET = 5_000_000  # tokens of training cells used to count frequencies
+
+
+def default_lr(cfg: ModelConfig) -> float:
+    """Peak learning rate for pretraining: 3e-3 at width 64, inversely proportional to the width.
+
+    Adam moves every weight by about the learning rate per step, and a layer's output changes
+    with the sum over its inputs, so the rate that keeps updates the same size falls as 1/width
+    (0.75e-3 at Geneformer V1's 256, close to the 1e-3 it was trained with; 2.5e-4 at 768).
+    """
+    return 3e-3 * 64 / cfg.hidden_size
 
 
 def masking_spec(shards: ShardSet, vocab_size: int) -> MaskingSpec:
@@ -70,10 +82,13 @@ class MaskedGeneTask:
     # -- training data
 
     def plan(self, epoch: int, rank: int, world_size: int, tokens_per_batch: int) -> list[np.ndarray]:
-        """Batches part by part (one part in memory at a time), in a seeded order.
+        """Batches of cells mixed across parts, a group of parts at a time, in a seeded order.
 
-        With at least as many parts as ranks, each rank reads only its own parts; otherwise
-        each rank takes every world_size-th batch of each part.
+        A shard set tokenized from several inputs holds one input per part; drawing batches
+        part by part would train on one dataset after another and drift with each. So the parts
+        (in a seeded order) are grouped up to what the shard cache holds in memory, and each
+        group's cells are shuffled together. With at least as many parts as ranks, each rank
+        reads only its own parts; otherwise each rank takes every world_size-th batch.
         """
         self.rank = rank
         rng = np.random.default_rng([self.seed, epoch])
@@ -81,9 +96,18 @@ class MaskedGeneTask:
         parts = np.unique(part_of)
         split_parts = len(parts) >= world_size
         mine = parts[rank::world_size] if split_parts else parts
-        items: list[np.ndarray] = []
+        sizes = self.shards.part_token_counts
+        groups: list[list[int]] = []
+        held = 0
         for part in rng.permutation(mine):
-            cells = self.train_cells[part_of == part]
+            if not groups or held + sizes[part] > CACHE_TOKENS:
+                groups.append([])
+                held = 0
+            groups[-1].append(int(part))
+            held += int(sizes[part])
+        items: list[np.ndarray] = []
+        for group in groups:
+            cells = self.train_cells[np.isin(part_of, group)]
             batches = token_budget_batches(
                 self.shards.lengths[cells], tokens_per_batch, shuffle=True, seed=int(rng.integers(2**31))
             )
@@ -261,6 +285,8 @@ def _pretrain(shards_dir, out: Path, output: Claim, *, preset, config, from_dir,
     resume = _prepare_out(out, output, resume, overwrite)
     torch.manual_seed(cfg.seed)  # the initial weights
     model = build_model(shards, out, preset, config, from_dir, resume)
+    if cfg.lr is None:
+        cfg = dataclasses.replace(cfg, lr=default_lr(model.config))
     spec = masking_spec(shards, model.config.vocab_size)
     if val_shards_dir:
         val_shards = ShardSet(val_shards_dir)
@@ -283,4 +309,26 @@ def _pretrain(shards_dir, out: Path, output: Claim, *, preset, config, from_dir,
         raise
     summary["train_cells"], summary["val_cells"] = len(train_cells), len(val_cells)
     summary["parameters"] = model.num_parameters()
+    summary["warnings"] = learning_check(summary["last_eval"])
+    if output.enabled:
+        write_json({"steps": summary["step"], "lr": cfg.lr, **summary["last_eval"], "warnings": summary["warnings"]},
+                   out / PRETRAIN_METRICS)
     return summary
+
+
+PRETRAIN_METRICS = "metrics.json"
+
+
+def learning_check(last_eval: dict) -> list[str]:
+    """Warn (and return the warnings) when the model predicts masked genes no better than
+    guessing each rank's most frequent gene: it has then learned gene frequencies, not cells."""
+    acc, base = last_eval.get("accuracy"), last_eval.get("baseline_position_accuracy")
+    if acc is None or base is None or acc > base:
+        return []
+    found: list[str] = []
+    warn(f"masked-gene accuracy {acc:.4f} is not above the frequency baseline {base:.4f} (the most frequent "
+         "gene at each rank): the model has learned gene frequencies only. Likely causes: too few steps for "
+         "the data (raise --max-steps), a learning rate too low or too high for the model (--lr; the default "
+         "scales with the width), or a model initialised for a larger width (initializer_range in --config). "
+         "Fine-tuning from it will do no better than training from scratch.", found)
+    return found

@@ -1,13 +1,15 @@
 """Reading a token shard directory (manifest.json + part-NNNNN.parquet) in bounded memory.
 
 Opening a ShardSet reads the manifest and the `length` column of every part (4 bytes a
-cell); token lists are read one part at a time when asked for, and the most recent part is
-kept so that batches drawn from the same part do not re-read it.
+cell); token lists are read a part at a time when asked for, and the most recently used parts
+are kept, up to `CACHE_TOKENS` tokens (at least one part), so that batches mixing the cells of
+a few parts do not re-read them.
 """
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,6 +19,9 @@ import numpy as np
 from cellrank_fm.errors import UserError
 
 FORMAT = "cellrank-shards"
+# Tokens of parts kept in memory: 2^27 tokens are 256 MB at 16 bits a token (V1 and V2
+# vocabularies fit in 16 bits), about one part of 65,536 cells of 2,048 genes.
+CACHE_TOKENS = 1 << 27
 
 
 class ShardSet:
@@ -46,8 +51,7 @@ class ShardSet:
             raise UserError(f"{self.path} holds no cells; tokenize an input with cells that pass the filters.")
         self.part_rows = rows
         self.part_starts = np.concatenate([[0], np.cumsum(rows)])
-        self._cached_part: int | None = None
-        self._cached_tokens: list[np.ndarray] = []
+        self._cache: OrderedDict[int, list[np.ndarray]] = OrderedDict()
 
     # ---- manifest facts
 
@@ -145,14 +149,25 @@ class ShardSet:
     def part_range(self, part: int) -> np.ndarray:
         return np.arange(self.part_starts[part], self.part_starts[part + 1])
 
+    @cached_property
+    def part_token_counts(self) -> np.ndarray:
+        """Tokens held by each part."""
+        total = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])
+        return np.diff(total[self.part_starts])
+
     def _part_tokens(self, part: int) -> list[np.ndarray]:
-        if self._cached_part != part:
-            col = read_part(self.part_files[part], ["input_ids"]).column("input_ids").combine_chunks()
-            values = col.values.to_numpy(zero_copy_only=False)
-            offsets = col.offsets.to_numpy()
-            self._cached_tokens = [values[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
-            self._cached_part = part
-        return self._cached_tokens
+        if part in self._cache:
+            self._cache.move_to_end(part)
+            return self._cache[part]
+        col = read_part(self.part_files[part], ["input_ids"]).column("input_ids").combine_chunks()
+        values = col.values.to_numpy(zero_copy_only=False)
+        offsets = col.offsets.to_numpy()
+        tokens = [values[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+        self._cache[part] = tokens
+        sizes = self.part_token_counts
+        while len(self._cache) > 1 and sum(int(sizes[k]) for k in self._cache) > CACHE_TOKENS:
+            self._cache.popitem(last=False)
+        return tokens
 
     def tokens(self, indices: Sequence[int] | np.ndarray | None = None) -> list[np.ndarray]:
         """Token arrays of the given cells (global indices, any order), or of every cell."""

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from cellrank_fm.errors import UserError, atomic_path
+from cellrank_fm.errors import UserError, atomic_path, warn
 from cellrank_fm.genes import (
     GENE_MAP_FILE,
     ColumnPlan,
@@ -270,11 +270,6 @@ def _fingerprint(path: Path, full_hash: bool = True) -> dict:
                         remaining -= len(block)
         out["sha256" if not head_only else "sha256_first_64MiB"] = h.hexdigest()
     return out
-
-
-def _warn(msg: str, warnings_list: list[str], quiet: bool) -> None:
-    warnings_list.append(msg)
-    print(f"warning: {msg}", file=sys.stderr)
 
 
 def _say(msg: str, quiet: bool) -> None:
@@ -579,8 +574,8 @@ def _tokenize_into(run: _Run, ShardWriter, version: str) -> dict:
         if part_records[idx]["written"] != rows:
             raise RuntimeError(f"part {idx}: writer reports {rows} rows, expected {part_records[idx]['written']}")
     if nnz and nonint and not settings.allow_float:
-        _warn(f"{nonint / nnz:.2%} of the stored values are not integers; cellrank expects raw counts "
-              "(pass --allow-float for TPM/FPKM input)", warnings_list, quiet)
+        warn(f"{nonint / nnz:.2%} of the stored values are not integers; cellrank expects raw counts "
+             "(pass --allow-float for TPM/FPKM input)", warnings_list)
     totals = {k: sum(s[k] for s in input_stats) for k in ("rows", "kept", "filtered_out", "empty")}
     if totals["kept"] == 0:
         raise UserError("no cell was left to tokenize (all were filtered out or had no vocabulary gene)")
@@ -648,9 +643,9 @@ def _report_genes(ip: InputPlan, plan: ColumnPlan, share_counts, warnings_list, 
     # Whole-genome annotations hold many genes no vocabulary has (lncRNAs, pseudogenes), so the
     # share of counts decides when it is known; the share of genes otherwise.
     if (share_counts if share_counts is not None else plan.share_recognised) < 0.5:
-        _warn(f"{ip.path.name}: under half of the genes or counts are in the vocabulary "
-              f"({plan.share_recognised:.1%} of genes{counts_txt}); check --gene-id-column and --gene-map",
-              warnings_list, quiet)
+        warn(f"{ip.path.name}: under half of the genes or counts are in the vocabulary "
+             f"({plan.share_recognised:.1%} of genes{counts_txt}); check --gene-id-column and --gene-map",
+             warnings_list)
 
 
 def _meta_schema(reader: MatrixReader, keep_obs: Sequence[str]) -> list[tuple[str, str]]:

@@ -60,7 +60,7 @@ METRICS = "metrics.jsonl"
 
 @dataclass
 class TrainConfig:
-    lr: float = 1e-3
+    lr: float | None = 1e-3  # None: the task picks it from the model (`pretrain.default_lr`)
     weight_decay: float = 0.001
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -89,7 +89,7 @@ class TrainConfig:
             raise UserError(f"schedule must be linear, cosine or constant, not {self.schedule!r}.")
         if self.max_steps < 1 or self.grad_accum < 1 or self.tokens_per_batch < 1:
             raise UserError("max_steps, grad_accum and tokens_per_batch must be positive.")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise UserError(f"the learning rate must be positive, not {self.lr}.")
 
 

@@ -106,10 +106,11 @@ def finetune_cmd(
     folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds over genes (--task genes).", rich_help_panel=MODEL)] = 5,
     pooling: Annotated[Optional[str], typer.Option("--pooling", help="cls or mean (default: cls for V2 tokens, mean for V1).", rich_help_panel=MODEL)] = None,
     freeze_layers: Annotated[int, typer.Option("--freeze-layers", help="Freeze the embeddings and the first N encoder layers.", rich_help_panel=TRAIN)] = 0,
-    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over the training cells (at most; early stopping may end sooner). Default: 10 for cells, 3 per fold for genes.", rich_help_panel=TRAIN)] = None,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (linear warm-up, then linear decay).", rich_help_panel=TRAIN)] = 1e-4,
-    tokens_per_batch: Annotated[int, typer.Option("--tokens-per-batch", help="Padded tokens per batch.", rich_help_panel=TRAIN)] = 16384,
-    patience: Annotated[int, typer.Option("--patience", help="Stop after this many evaluations without a better validation macro-F1 (0 = never).", rich_help_panel=TRAIN)] = 4,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over the training cells (at most; early stopping may end sooner). Default: enough for 600 steps, 3 to 30 epochs (cells); 3 per fold (genes).", rich_help_panel=TRAIN)] = None,
+    min_epochs: Annotated[Optional[float], typer.Option("--min-epochs", help="No early stopping before this many epochs (default 3, or --epochs if fewer).", rich_help_panel=TRAIN)] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate of the encoder (linear warm-up, then linear decay). Default: 1e-3 × 64 / hidden size, half that for a pretrained encoder; the new head always trains at the full rate.", rich_help_panel=TRAIN)] = None,
+    tokens_per_batch: Annotated[Optional[int], typer.Option("--tokens-per-batch", help="Padded tokens per batch (default: about 32 cells, at most 16,384 tokens).", rich_help_panel=TRAIN)] = None,
+    patience: Annotated[Optional[int], typer.Option("--patience", help="Stop after this many evaluations with neither a lower validation loss nor a higher macro-F1 (default: two epochs' worth; 0 = never).", rich_help_panel=TRAIN)] = None,
     evals_per_epoch: Annotated[int, typer.Option("--evals-per-epoch", help="Validation evaluations per epoch.", rich_help_panel=TRAIN)] = 2,
     no_class_weight: Annotated[bool, typer.Option("--no-class-weight", help="Do not weight classes by inverse frequency.", rich_help_panel=TRAIN)] = False,
     max_cells: Annotated[Optional[int], typer.Option("--max-cells", help="Train on at most this many cells (seeded sample of the training split).", rich_help_panel=TRAIN)] = None,
@@ -144,7 +145,7 @@ def finetune_cmd(
             raise UserError("--task genes needs --gene-labels CSV (one column per gene class).")
         result = finetune_genes(shards, out, gene_labels, GeneTaskOptions(
             from_model=from_model, preset=preset, folds=folds, seed=seed, epochs=epochs or 3.0, lr=lr,
-            tokens_per_batch=tokens_per_batch, freeze_layers=freeze_layers, max_cells=max_cells or 2000,
+            tokens_per_batch=tokens_per_batch or 16384, freeze_layers=freeze_layers, max_cells=max_cells or 2000,
             device=device, quiet=quiet), overwrite=overwrite)
         from rich.table import Table
 
@@ -165,8 +166,8 @@ def finetune_cmd(
         raise UserError("cell classification needs --label COLUMN (a metadata column kept in the shards).")
     opts = FinetuneOptions(
         label=label, from_model=from_model, preset=preset, pooling=pooling, freeze_layers=freeze_layers,
-        class_weight=not no_class_weight, epochs=epochs or 10.0, lr=lr, tokens_per_batch=tokens_per_batch,
-        evals_per_epoch=evals_per_epoch, patience=patience, max_cells=max_cells, device=device,
+        class_weight=not no_class_weight, epochs=epochs, min_epochs=min_epochs, lr=lr,
+        tokens_per_batch=tokens_per_batch, evals_per_epoch=evals_per_epoch, patience=patience, max_cells=max_cells, device=device,
         max_seconds=max_seconds, quiet=quiet, **split_kw,
     )
     result = finetune_cells(shards, out, opts, with_baseline=baseline, resume=resume, overwrite=overwrite)

@@ -27,7 +27,7 @@ def pretrain(
     val_max_cells: int = typer.Option(5000, "--val-max-cells", help="At most this many validation cells.", rich_help_panel=_DATA),
     tokens_per_batch: int = typer.Option(16384, "--tokens-per-batch", help="Token budget of one batch per process (cells × longest cell).", rich_help_panel=_OPT),
     max_steps: int = typer.Option(1000, "--max-steps", help="Optimizer steps.", rich_help_panel=_OPT),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW).", rich_help_panel=_OPT),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW). Default: 3e-3 × 64 / hidden size (3e-3 for tiny, 7.5e-4 for geneformer-v1).", rich_help_panel=_OPT),
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warmup steps (default: 5% of --max-steps).", rich_help_panel=_OPT),
     schedule: str = typer.Option("linear", "--schedule", help="Decay after warmup: linear, cosine or constant.", rich_help_panel=_OPT),
     weight_decay: float = typer.Option(0.001, "--weight-decay", help="AdamW weight decay (not on biases and LayerNorms).", rich_help_panel=_OPT),
