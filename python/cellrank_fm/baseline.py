@@ -142,6 +142,11 @@ def _resolve_source(source: str, shard_dir: Path, manifest: dict) -> Path:
     candidates = [Path(source)]
     for rec in manifest.get("inputs", []):
         p = Path(str(rec.get("path", "")))
+        if rec.get("in_memory") and p.name == source:
+            raise UserError(
+                "the shards were tokenized from an AnnData held in memory, so the baseline cannot read its "
+                "counts back; write it to .h5ad and pass that file to the baseline."
+            )
         if p.name == Path(source).name:
             candidates.append(p)
     candidates.append(shard_dir / source)
