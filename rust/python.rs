@@ -80,13 +80,42 @@ fn id_map(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i32>> {
     }
 }
 
-/// Calls `$body` with `$csr` bound to a `Csr` over the borrowed arrays, for every
+/// One chunk's CSR arguments as Python hands them over (indptr, indices, data in any accepted
+/// dtype, optional per-row totals), converted once and borrowed without copying.
+struct CsrArgs<'py> {
+    indptr: IntArr<'py>,
+    indices: IntArr<'py>,
+    data: DataArr<'py>,
+    n_counts: Option<PyReadonlyArray1<'py, f64>>,
+}
+
+impl<'py> CsrArgs<'py> {
+    fn new(
+        indptr: &Bound<'py, PyAny>,
+        indices: &Bound<'py, PyAny>,
+        data: &Bound<'py, PyAny>,
+        n_counts: Option<PyReadonlyArray1<'py, f64>>,
+    ) -> PyResult<Self> {
+        Ok(CsrArgs {
+            indptr: int_array(indptr, "indptr")?,
+            indices: int_array(indices, "indices")?,
+            data: data_array(data)?,
+            n_counts,
+        })
+    }
+
+    fn n_counts(&self) -> PyResult<Option<&[f64]>> {
+        self.n_counts.as_ref().map(|a| slice(a, "n_counts")).transpose()
+    }
+}
+
+/// Calls `$body` with `$csr` bound to a `Csr` over the borrowed arrays of a `CsrArgs`, for every
 /// combination of index and data dtypes.
 macro_rules! with_csr {
-    ($indptr:expr, $indices:expr, $data:expr, $n_cols:expr, |$csr:ident| $body:expr) => {{
+    ($args:expr, $n_cols:expr, |$csr:ident| $body:expr) => {{
         macro_rules! by_data {
             ($p:expr, $i:expr) => {
-                match &$data {
+                match &$args.data {
                     DataArr::F32(d) => { let $csr = Csr { indptr: $p, indices: $i, data: slice(d, "data")?, n_cols: $n_cols }; $body }
                     DataArr::F64(d) => { let $csr = Csr { indptr: $p, indices: $i, data: slice(d, "data")?, n_cols: $n_cols }; $body }
                     DataArr::I32(d) => { let $csr = Csr { indptr: $p, indices: $i, data: slice(d, "data")?, n_cols: $n_cols }; $body }
@@ -96,7 +125,7 @@ macro_rules! with_csr {
                 }
             };
         }
-        match (&$indptr, &$indices) {
+        match (&$args.indptr, &$args.indices) {
             (IntArr::I32(p), IntArr::I32(i)) => by_data!(slice(p, "indptr")?, slice(i, "indices")?),
             (IntArr::I32(p), IntArr::I64(i)) => by_data!(slice(p, "indptr")?, slice(i, "indices")?),
             (IntArr::I64(p), IntArr::I32(i)) => by_data!(slice(p, "indptr")?, slice(i, "indices")?),
@@ -130,15 +159,10 @@ fn tokenize_csr<'py>(
     prefix_token: i64,
     suffix_token: i64,
 ) -> PyResult<TokenizeResult<'py>> {
-    let indptr = int_array(indptr, "indptr")?;
-    let indices = int_array(indices, "indices")?;
-    let data = data_array(data)?;
+    let csr_args = CsrArgs::new(indptr, indices, data, n_counts)?;
     let col_token = id_map(col_token, "col_token")?;
     let col_median = slice(&col_median, "col_median")?;
-    let n_counts = match &n_counts {
-        Some(a) => Some(slice(a, "n_counts")?),
-        None => None,
-    };
+    let n_counts = csr_args.n_counts()?;
     let params = RankParams {
         col_token: &col_token,
         col_median,
@@ -148,7 +172,7 @@ fn tokenize_csr<'py>(
     };
     let n_cols = col_token.len();
     let out: Result<Tokenized, CoreError> =
-        with_csr!(indptr, indices, data, n_cols, |csr| py.detach(|| rank::tokenize(&csr, n_counts, &params)));
+        with_csr!(csr_args, n_cols, |csr| py.detach(|| rank::tokenize(&csr, n_counts, &params)));
     let out = out.map_err(value_error)?;
     Ok((PyArray1::from_vec(py, out.tokens), PyArray1::from_vec(py, out.offsets), out.n_nonint))
 }
@@ -187,18 +211,13 @@ impl PyMedianSketch {
         n_counts: Option<PyReadonlyArray1<'py, f64>>,
         col_gene: &Bound<'py, PyAny>,
     ) -> PyResult<()> {
-        let indptr = int_array(indptr, "indptr")?;
-        let indices = int_array(indices, "indices")?;
-        let data = data_array(data)?;
+        let csr_args = CsrArgs::new(indptr, indices, data, n_counts)?;
         let col_gene = id_map(col_gene, "col_gene")?;
-        let n_counts = match &n_counts {
-            Some(a) => Some(slice(a, "n_counts")?),
-            None => None,
-        };
+        let n_counts = csr_args.n_counts()?;
         let n_cols = col_gene.len();
         let sketch = &mut self.inner;
         let out: Result<(), CoreError> =
-            with_csr!(indptr, indices, data, n_cols, |csr| py.detach(|| sketch.update(&csr, n_counts, &col_gene)));
+            with_csr!(csr_args, n_cols, |csr| py.detach(|| sketch.update(&csr, n_counts, &col_gene)));
         out.map_err(value_error)
     }
 
