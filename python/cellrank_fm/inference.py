@@ -397,7 +397,8 @@ def load_cells(data, lm: LoadedModel, layer: str | None = None) -> Cells:
     from cellrank_fm.tokenize import tokenize_in_memory
 
     if is_anndata(data):
-        source, var = (data.to_memory() if data.isbacked else data), data.var
+        # A backed AnnData is streamed from its file; its obs (perhaps edited in memory) is used.
+        source, var = (str(data.filename) if data.isbacked else data), data.var
     else:
         path = Path(data)
         if not path.exists():
@@ -413,8 +414,9 @@ def load_cells(data, lm: LoadedModel, layer: str | None = None) -> Cells:
     if len(keep) == 0:
         where = "the AnnData" if is_anndata(data) else str(data)
         raise UserError(f"no cell of {where} has a gene in the model's vocabulary.")
+    obs = data.obs if is_anndata(data) else res.obs
     return Cells(tokens=[res.tokens[i] for i in keep], cell_ids=[str(res.cell_ids[i]) for i in keep],
-                 obs=res.obs.iloc[keep])
+                 obs=obs.iloc[keep])
 
 
 def gene_symbols(data, lm: LoadedModel) -> dict[str, str]:
