@@ -261,3 +261,17 @@ def test_no_code_imports_a_stage_module_the_way_the_api_shadows():
                  for p in (REPO / folder).rglob("*.py") if p.name != "test_api.py"
                  for i, line in enumerate(p.read_text().splitlines()) if pattern.search(line)]
     assert offenders == [], "use `from cellrank_fm.X import name` or importlib.import_module: " + ", ".join(offenders)
+
+
+def test_cli_hidden_layer_and_the_old_layer_spelling(kang, trained, tmp_path, capsys):
+    _, path, _ = kang
+    _, _, pre, _ = trained
+    run(["embed", pre.path, path, "--out", tmp_path / "new.h5ad", "--hidden-layer", "-2", "-q"])
+    assert "note:" not in capsys.readouterr().err
+    run(["embed", pre.path, path, "--out", tmp_path / "old.h5ad", "--layer", "-2", "-q"])
+    assert "--layer -2 names a hidden layer, which is now --hidden-layer -2" in capsys.readouterr().err
+    new, old = ad.read_h5ad(tmp_path / "new.h5ad"), ad.read_h5ad(tmp_path / "old.h5ad")
+    np.testing.assert_array_equal(new.obsm["X_cellrank"], old.obsm["X_cellrank"])
+    assert new.uns["cellrank_embedding"]["layer"] == -2
+    code, err = fails(["embed", pre.path, path, "--out", tmp_path / "x.h5ad", "--layer", "counts"], capsys)
+    assert code == 2 and "no layer 'counts'" in err  # --layer is the counts layer

@@ -70,25 +70,6 @@ def _names(value: str | Sequence[str] | None) -> list[str] | None:
     return items or None
 
 
-def _dictionaries(vocab, medians, gene_map, genes, genes_column):
-    from cellrank_fm.genes import load_gene_set, load_mapping
-    from cellrank_fm.tokenize import Dictionaries
-    from cellrank_fm.vocab import load_medians, load_vocabulary
-
-    def source(x):
-        return "<memory>" if isinstance(x, dict) else str(x)
-
-    mapping = load_mapping([str(p) for p in gene_map]) if gene_map else None
-    dicts = Dictionaries(dict(vocab) if isinstance(vocab, dict) else load_vocabulary(vocab),
-                         dict(medians) if isinstance(medians, dict) else load_medians(medians),
-                         source(vocab), source(medians), mapping)
-    if isinstance(genes, (str, os.PathLike)):
-        dicts.set_gene_set(load_gene_set(genes, genes_column), str(genes))
-    elif genes is not None:
-        dicts.set_gene_set([str(g) for g in genes], "<list>")
-    return dicts
-
-
 # ----------------------------------------------------------------------------- data
 
 
@@ -139,9 +120,9 @@ def tokenize(
         ...                       medians="gf/gene_median_dictionary_gc30M.pkl", keep_obs=["condition"])
     """
     from cellrank_fm.shards import ShardSet
-    from cellrank_fm.tokenize import TokenizeSettings, tokenize_files
+    from cellrank_fm.tokenize import Dictionaries, TokenizeSettings, tokenize_files
 
-    dicts = _dictionaries(vocab, medians, gene_map, genes, genes_column)
+    dicts = Dictionaries.load(vocab, medians, gene_map, genes, genes_column)
     settings = TokenizeSettings(
         model_version=model_version.lower(), model_input_size=model_input_size, gene_id_column=gene_id_column,
         layer=layer, orientation=orientation, allow_float=allow_float, keep_obs=_names(keep_obs) or [],

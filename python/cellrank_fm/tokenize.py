@@ -101,13 +101,17 @@ class Dictionaries:
     gene_set_info: dict | None = None
 
     @classmethod
-    def load(cls, vocab_path, medians_path, mapping_paths=(), genes_file=None, genes_column=None):
-        vocabulary = load_vocabulary(vocab_path)
-        medians = load_medians(medians_path)
+    def load(cls, vocab, medians, mapping_paths=(), genes=None, genes_column=None):
+        """`vocab`, `medians`: files or dictionaries; `genes`: a gene-set file or a list of genes."""
+        vocabulary = dict(vocab) if isinstance(vocab, Mapping) else load_vocabulary(vocab)
+        median_values = dict(medians) if isinstance(medians, Mapping) else load_medians(medians)
         mapping = load_mapping(list(mapping_paths)) if mapping_paths else None
-        d = cls(vocabulary, medians, str(vocab_path), str(medians_path), mapping)
-        if genes_file:
-            d.set_gene_set(load_gene_set(genes_file, genes_column), str(genes_file))
+        d = cls(vocabulary, median_values, _source(vocab), _source(medians), mapping)
+        if isinstance(genes, (str, os.PathLike)):
+            if str(genes):
+                d.set_gene_set(load_gene_set(genes, genes_column), str(genes))
+        elif genes is not None:
+            d.set_gene_set([str(g) for g in genes], "<list>")
         return d
 
     def set_gene_set(self, labels: Sequence[str], source: str) -> None:
@@ -118,6 +122,10 @@ class Dictionaries:
             raise UserError(f"none of the {len(labels)} genes in {source} is in the vocabulary{hint}")
         self.gene_set = in_vocab
         self.gene_set_info = {"source": source, "size": len(in_vocab), "listed": len(labels), "unresolved": missing}
+
+
+def _source(table) -> str:
+    return "<memory>" if isinstance(table, Mapping) else str(table)
 
 
 @dataclass

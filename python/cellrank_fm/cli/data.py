@@ -20,7 +20,6 @@ from cellrank_fm.cli.options import (
     Inputs,
     Orientation,
     Quiet,
-    names,
 )
 
 VOCAB = "Vocabulary and model"
@@ -60,7 +59,7 @@ def tokenize(
     from cellrank_fm import api
 
     api.tokenize(inputs, out=out, vocab=vocab, medians=medians, gene_map=gene_map or (), genes=genes,
-                 genes_column=genes_column, keep_obs=names(keep_obs), model_version=model_version,
+                 genes_column=genes_column, keep_obs=keep_obs or (), model_version=model_version,
                  model_input_size=model_input_size, gene_id_column=gene_id_column, layer=layer,
                  cell_id_column=cell_id_column, orientation=orientation, allow_float=allow_float, resume=resume,
                  overwrite=overwrite, chunk_cells=chunk_cells, part_cells=part_cells, progress=not quiet)

@@ -23,7 +23,6 @@ from cellrank_fm.cli.options import (
     OutputDir,
     Quiet,
     layers,
-    names,
 )
 
 Seed = Annotated[int, typer.Option("--seed", help="Seed for cell sampling and permutations.", rich_help_panel=CELLS)]
@@ -63,7 +62,7 @@ def explain_cmd(
 
     from cellrank_fm import api
 
-    result = api.explain(model_dir, input, label=label, classes=names(classes) or None, all_classes=all_classes,
+    result = api.explain(model_dir, input, label=label, classes=classes, all_classes=all_classes,
                          per_class=per_class, method=method, permutations=permutations, samples=samples, seed=seed,
                          layer=layer, tokens_per_batch=tokens_per_batch, device=device, progress=not quiet)
     result.write(out, top=top)
@@ -109,7 +108,7 @@ def perturb_cmd(
 
     layer, hidden_layer = layers(layer, hidden_layer)
     result = api.perturb(model_dir, input, state_column=state_column, start_state=start_state, goal_state=goal_state,
-                         alt_states=names(alt_states), genes=genes, as_set=as_set, mode=mode, hidden_layer=hidden_layer,
+                         alt_states=alt_states or (), genes=genes, as_set=as_set, mode=mode, hidden_layer=hidden_layer,
                          null_genes=null_genes, max_cells=max_cells, seed=seed, layer=layer,
                          tokens_per_batch=tokens_per_batch, device=device, progress=not quiet)
     result.write(out)

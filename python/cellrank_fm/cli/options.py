@@ -68,11 +68,6 @@ def split_options(seed: int, split_by: str | None, split_column: str | None, val
                 test_fraction=test_fraction, min_class_size=min_class_size)
 
 
-def names(value: str | None) -> list[str]:
-    """The items of a comma-separated option value."""
-    return [v.strip() for v in value.split(",") if v.strip()] if value else []
-
-
 def layers(layer: str | None, hidden_layer: int | None) -> tuple[str | None, int]:
     """(counts layer, hidden layer) from --layer and --hidden-layer, reading a number in --layer
     as the old spelling of --hidden-layer (with a note)."""
