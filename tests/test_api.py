@@ -275,3 +275,22 @@ def test_cli_hidden_layer_and_the_old_layer_spelling(kang, trained, tmp_path, ca
     assert new.uns["cellrank_embedding"]["layer"] == -2
     code, err = fails(["embed", pre.path, path, "--out", tmp_path / "x.h5ad", "--layer", "counts"], capsys)
     assert code == 2 and "no layer 'counts'" in err  # --layer is the counts layer
+
+
+def test_gene_set_is_stored_in_the_shards_and_travels_to_the_model(kang, tmp_path):
+    from cellrank_fm.shards import ShardSet
+
+    mem, _, dicts = kang
+    listed = tmp_path / "genes.txt"
+    chosen = sorted(mem.var["ensembl_id"])[::20]
+    listed.write_text("\n".join(chosen) + "\n")
+    shards = cfm.tokenize(mem, out=tmp_path / "shards", genes=listed, model_input_size=TOKENS,
+                          gene_id_column="ensembl_id", keep_obs=["condition"], progress=False, **dicts)
+    kept = shards.gene_set
+    assert kept and set(kept) <= set(chosen) and kept == sorted(kept)
+    assert all(set(t.tolist()) <= {shards.vocabulary[g] for g in kept} for t in shards.tokens())
+    listed.unlink()  # the shards carry the genes themselves
+    assert ShardSet(shards.path).gene_set == kept
+    clf = cfm.finetune(shards, out=tmp_path / "clf", label="condition", preset="tiny", epochs=1,
+                       tokens_per_batch=4096, device="cpu", progress=False)
+    assert cfm.load_model(clf, device="cpu").gene_set == kept

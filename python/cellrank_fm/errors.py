@@ -40,9 +40,9 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
 
 def write_json(obj: Any, path: str | os.PathLike, indent: int = 1) -> None:
     """`obj` as JSON (NumPy scalars and arrays as plain numbers and lists), written atomically."""
-    text = json.dumps(obj, indent=indent, default=_jsonable) + "\n"
+    text = json.dumps(obj, indent=indent, ensure_ascii=False, default=_jsonable) + "\n"
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _jsonable(x: Any) -> Any:
