@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
-from typing_extensions import Annotated
 
 from cellrank_fm.cli.app import app
 from cellrank_fm.cli.options import Quiet
