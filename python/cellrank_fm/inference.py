@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 
 from cellrank_fm.errors import UserError, atomic_path
+from cellrank_fm.tokenize import is_anndata
 
 if TYPE_CHECKING:
     import anndata
@@ -320,10 +321,6 @@ def gene_scores(model, tokens: Sequence[np.ndarray], genes: np.ndarray, tokens_p
 
 
 # ----------------------------------------------------------------------------- new cells
-
-
-def is_anndata(obj: Any) -> bool:
-    return type(obj).__name__ == "AnnData" and hasattr(obj, "obs_names")
 
 
 def open_h5ad(path: PathLike) -> anndata.AnnData:

@@ -390,13 +390,13 @@ def input_sources(inputs, layer: str | None = None, orientation: str = "auto",
     order, then AnnData objects held in memory, in the order given. A backed AnnData is its file."""
     from cellrank_fm.readers import AnnDataReader
 
-    if isinstance(inputs, (str, os.PathLike)) or _is_anndata(inputs):
+    if isinstance(inputs, (str, os.PathLike)) or is_anndata(inputs):
         inputs = [inputs]
     paths, in_memory = [], []
     for item in inputs:
-        if _is_anndata(item) and item.isbacked:
+        if is_anndata(item) and item.isbacked:
             paths.append(Path(item.filename))
-        elif _is_anndata(item):
+        elif is_anndata(item):
             in_memory.append(item)
         else:
             paths.append(item)
@@ -411,7 +411,8 @@ def input_sources(inputs, layer: str | None = None, orientation: str = "auto",
     return out
 
 
-def _is_anndata(obj) -> bool:
+def is_anndata(obj) -> bool:
+    """An AnnData object (in memory or backed), told apart without importing anndata."""
     return type(obj).__name__ == "AnnData" and hasattr(obj, "obs_names")
 
 
