@@ -1,10 +1,10 @@
 //! The PyO3 bindings of the Rust core (the `python` feature): they only convert arguments and
 //! results; every algorithm lives in its own module with its own unit tests.
 
-use crate::csr::{CoreError, Csr};
+use crate::csr::{check_structure, CoreError, Csr};
 use crate::medians::MedianSketch;
 use crate::rank::{self, RankParams, Tokenized};
-use crate::shard::{MetaColumn, MetaKind, ShardError, ShardWriter, TokenSlice, TokenType};
+use crate::shard::{IoFailure, MetaColumn, MetaKind, ShardError, ShardWriter, TokenSlice, TokenType};
 use numpy::{PyArray1, PyReadonlyArray1};
 use pyo3::exceptions::{PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -177,6 +177,26 @@ fn tokenize_csr<'py>(
     Ok((PyArray1::from_vec(py, out.tokens), PyArray1::from_vec(py, out.offsets), out.n_nonint))
 }
 
+/// `None` when a chunk read from a file is well formed, else `(row, problem)` (see
+/// `csr::check_structure`).
+#[pyfunction]
+fn check_csr(
+    py: Python<'_>,
+    indptr: &Bound<'_, PyAny>,
+    indices: &Bound<'_, PyAny>,
+    n_data: usize,
+    n_cols: usize,
+) -> PyResult<Option<(usize, String)>> {
+    let (indptr, indices) = (int_array(indptr, "indptr")?, int_array(indices, "indices")?);
+    let out = match (&indptr, &indices) {
+        (IntArr::I32(p), IntArr::I32(i)) => { let (p, i) = (slice(p, "indptr")?, slice(i, "indices")?); py.detach(|| check_structure(p, i, n_data, n_cols)) }
+        (IntArr::I32(p), IntArr::I64(i)) => { let (p, i) = (slice(p, "indptr")?, slice(i, "indices")?); py.detach(|| check_structure(p, i, n_data, n_cols)) }
+        (IntArr::I64(p), IntArr::I32(i)) => { let (p, i) = (slice(p, "indptr")?, slice(i, "indices")?); py.detach(|| check_structure(p, i, n_data, n_cols)) }
+        (IntArr::I64(p), IntArr::I64(i)) => { let (p, i) = (slice(p, "indptr")?, slice(i, "indices")?); py.detach(|| check_structure(p, i, n_data, n_cols)) }
+    };
+    Ok(out.err().map(|e| (e.row, e.problem)))
+}
+
 /// Mergeable per-gene sketch of nonzero `x / n_counts * 10000` (see `medians.rs`).
 #[pyclass(name = "MedianSketch", module = "cellrank_fm._core")]
 struct PyMedianSketch {
@@ -250,7 +270,9 @@ impl PyMedianSketch {
 fn shard_error(e: ShardError) -> PyErr {
     match e {
         ShardError::Invalid(m) => PyValueError::new_err(m),
-        ShardError::Io(m) => PyOSError::new_err(m),
+        // OSError(errno, message): Python sets .errno and picks the subclass.
+        ShardError::Io(IoFailure { message, errno: Some(n) }) => PyOSError::new_err((n, message)),
+        ShardError::Io(IoFailure { message, errno: None }) => PyOSError::new_err(message),
     }
 }
 
@@ -376,6 +398,7 @@ impl PyShardWriter {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(tokenize_csr, m)?)?;
+    m.add_function(wrap_pyfunction!(check_csr, m)?)?;
     m.add_class::<PyMedianSketch>()?;
     m.add_class::<PyShardWriter>()?;
     Ok(())

@@ -210,6 +210,7 @@ def pretrain(
     val_fraction: float = 0.05,
     val_max_cells: int = 5000,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     **train_options: Any,
 ) -> TrainedModel:
@@ -221,6 +222,7 @@ def pretrain(
         preset: "tiny" (default), "geneformer-v1", "geneformer-v2-104m", "geneformer-v2-316m";
             or `config`, a HuggingFace BertConfig JSON; or `from_model` to continue pretraining.
         val: held-out shards for validation (default: `val_fraction` of `shards`).
+        resume: continue the interrupted run in `out`; overwrite: replace what `out` holds.
         **train_options: `cellrank_fm.train.TrainConfig` fields — max_steps, lr, warmup_steps
             (default: 5% of max_steps), schedule, weight_decay, tokens_per_batch, grad_accum,
             grad_clip, eval_every, checkpoint_every, seed, bf16, compile, device, max_seconds.
@@ -240,7 +242,8 @@ def pretrain(
     summary = run(shards, out, preset=preset, config=os.fspath(config) if config else None,
                   from_dir=os.fspath(from_model) if from_model else None,
                   val_shards_dir=os.fspath(val) if val else None,
-                  val_fraction=val_fraction, val_max_cells=val_max_cells, resume=resume, train_config=cfg)
+                  val_fraction=val_fraction, val_max_cells=val_max_cells, resume=resume, overwrite=overwrite,
+                  train_config=cfg)
     return TrainedModel(Path(out), summary, device=cfg.device)
 
 
@@ -253,6 +256,8 @@ def finetune(
     from_model: Model | None = None,
     preset: str | None = None,
     baseline: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     **options: Any,
 ) -> TrainedModel:
@@ -268,6 +273,8 @@ def finetune(
         from_model: a pretrained model (ours or a HuggingFace Geneformer directory); or `preset`
             to train from scratch.
         baseline: also fit the logistic-regression baseline on the same split.
+        resume: continue an interrupted cell-classification run in `out` (same result as one
+            run); overwrite: replace what `out` holds.
         **options: `cellrank_fm.finetune.FinetuneOptions` fields (or `GeneTaskOptions` with
             `gene_labels`) — epochs, lr, tokens_per_batch, patience, freeze_layers, pooling,
             seed, split_by, split_column, validation_fraction, test_fraction, device, ...
@@ -287,12 +294,12 @@ def finetune(
         if label is not None:
             raise UserError("give --label for cell classification or --gene-labels for gene classification, not both.")
         opts = GeneTaskOptions(from_model=source, preset=preset, quiet=not progress, **options)
-        metrics = finetune_genes(shards, out, gene_labels, opts)
+        metrics = finetune_genes(shards, out, gene_labels, opts, overwrite=overwrite)
         return TrainedModel(Path(out) / "model", {"metrics": metrics}, device=opts.device)
     if label is None:
         raise UserError("cell classification needs --label COLUMN (a metadata column kept in the shards).")
     opts = FinetuneOptions(label=label, from_model=source, preset=preset, quiet=not progress, **options)
-    result = finetune_cells(shards, out, opts, with_baseline=baseline)
+    result = finetune_cells(shards, out, opts, with_baseline=baseline, resume=resume, overwrite=overwrite)
     return TrainedModel(Path(out), result, device=opts.device)
 
 

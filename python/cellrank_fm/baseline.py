@@ -273,9 +273,6 @@ def run_baseline(
     The regularisation strength is chosen on the validation split by macro-F1, the same
     criterion `finetune` uses for early stopping.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
     table = table or load_table(data)
     if split is None:
         split = split_cells(
@@ -285,29 +282,8 @@ def run_baseline(
             min_class_size=min_class_size, hint=SHARD_HINT if table.from_shards else "",
         )
     genes = highly_variable_genes(table, split.train, n_top_genes)
-    scaler = None
-    feats = {}
-    for name in ("train", "validation", "test"):
-        x = gather_features(table, split.indices(name), genes)
-        if scaler is None:
-            scaler = StandardScaler(with_mean=False).fit(x)
-        feats[name] = scaler.transform(x)
-    y = {name: split.codes(name) for name in ("train", "validation", "test")}
-
-    def fit(c):
-        model = LogisticRegression(C=c, max_iter=2000, class_weight="balanced" if class_weight else None,
-                                   random_state=seed)
-        return model.fit(feats["train"], y["train"])
-
-    chosen, best = c_grid[0], -1.0
-    if len(y["validation"]) and len(c_grid) > 1:
-        for c in c_grid:
-            f1 = classification_metrics(y["validation"], fit(c).predict(feats["validation"]),
-                                        split.classes)["macro_f1"]
-            if f1 > best + 1e-12:
-                chosen, best = c, f1
-    model = fit(chosen)
-    result = classification_metrics(y["test"], model.predict(feats["test"]), split.classes)
+    feats = {name: gather_features(table, split.indices(name), genes) for name in ("train", "validation", "test")}
+    result, chosen, best = fit_logistic(feats, split, seed=seed, class_weight=class_weight, c_grid=c_grid)
     result.update({
         "model": "logistic regression on log-normalised highly variable genes",
         "label_column": label,
@@ -319,4 +295,69 @@ def run_baseline(
                   "dropped_classes": split.dropped},
         "messages": split.messages() + [split.summary()],
     })
+    return result
+
+
+def fit_logistic(feats: dict, split: Split, *, seed: int = 0, class_weight: bool = True,
+                 c_grid=(0.01, 0.1, 1.0)) -> tuple[dict, float, float]:
+    """Scaled logistic regression on per-split feature matrices; C chosen by validation macro-F1.
+
+    Returns (test metrics, the chosen C, its validation macro-F1 or -1 without a validation split).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler(with_mean=False).fit(feats["train"])
+    x = {name: scaler.transform(m) for name, m in feats.items()}
+    y = {name: split.codes(name) for name in x}
+
+    def fit(c):
+        model = LogisticRegression(C=c, max_iter=2000, class_weight="balanced" if class_weight else None,
+                                   random_state=seed)
+        return model.fit(x["train"], y["train"])
+
+    chosen, best = c_grid[0], -1.0
+    if len(y["validation"]) and len(c_grid) > 1:
+        for c in c_grid:
+            f1 = classification_metrics(y["validation"], fit(c).predict(x["validation"]),
+                                        split.classes)["macro_f1"]
+            if f1 > best + 1e-12:
+                chosen, best = c, f1
+    model = fit(chosen)
+    return classification_metrics(y["test"], model.predict(x["test"]), split.classes), chosen, best
+
+
+def rank_features(tokens: list[np.ndarray], vocab_size: int, max_len: int) -> sp.csr_matrix:
+    """Cells × vocabulary: each gene token weighted by ln(4 · max_len / rank), 0 where absent.
+
+    Within a cell, expression falls roughly as a power of rank, so minus the log of the rank
+    stands in for log expression; the offset keeps every kept gene at least ln 4 above an
+    absent one, so presence itself carries weight and the rank refines it.
+    """
+    lengths = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
+    rows = np.repeat(np.arange(len(tokens)), lengths)
+    cols = np.concatenate(tokens).astype(np.int64) if len(tokens) else np.zeros(0, np.int64)
+    ranks = np.arange(len(cols)) - np.repeat(np.cumsum(lengths) - lengths, lengths) + 1
+    vals = np.log(4 * max_len / ranks)
+    return sp.csr_matrix((vals, (rows, cols)), shape=(len(tokens), vocab_size))
+
+
+def token_probe(shards, split: Split, *, seed: int = 0, class_weight: bool = True) -> dict:
+    """Logistic regression on the model's own input: each cell's tokens weighted by rank.
+
+    What a linear model reads from exactly the tokens the transformer sees (same cells, same
+    truncation, same split), so the fine-tuned model should reach at least this figure: the
+    information ceiling of the encoding for a linear reader.
+    """
+    special = [v for v in shards.special_tokens.values() if v is not None]
+    max_len = int(shards.model_input_size or shards.lengths.max())
+    feats = {}
+    for name in ("train", "validation", "test"):
+        toks = [t[~np.isin(t, special)] for t in shards.tokens(split.indices(name))]
+        feats[name] = rank_features(toks, shards.vocab_size, max_len)
+    used = np.flatnonzero(np.asarray(feats["train"].getnnz(axis=0)) > 0)
+    feats = {name: m[:, used] for name, m in feats.items()}
+    result, chosen, best = fit_logistic(feats, split, seed=seed, class_weight=class_weight)
+    result.update({"model": "logistic regression on rank-weighted input tokens", "genes": int(len(used)),
+                   "C": chosen, "validation_macro_f1": best if best >= 0 else None})
     return result

@@ -107,15 +107,23 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of a model directory (safetensors, else pytorch_model.bin), names normalised."""
-    path = Path(path)
-    if (path / WEIGHTS).is_file():
-        from safetensors.torch import load_file
+    from cellrank_fm.outputs import REMAKE_MODEL, damaged
 
-        sd = load_file(str(path / WEIGHTS))
-    elif (path / TORCH_WEIGHTS).is_file():
-        sd = torch.load(path / TORCH_WEIGHTS, map_location="cpu", weights_only=True)
-    else:
-        raise UserError(f"{path} holds neither {WEIGHTS} nor {TORCH_WEIGHTS}; the model directory is incomplete.")
+    path = Path(path)
+    try:
+        if (path / WEIGHTS).is_file():
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path / WEIGHTS))
+        elif (path / TORCH_WEIGHTS).is_file():
+            sd = torch.load(path / TORCH_WEIGHTS, map_location="cpu", weights_only=True)
+        else:
+            raise UserError(f"{path} holds neither {WEIGHTS} nor {TORCH_WEIGHTS}; the model directory is incomplete.")
+    except (UserError, MemoryError):
+        raise
+    except Exception as err:  # noqa: BLE001 - safetensors and torch.load fail in many ways on a cut file
+        name = WEIGHTS if (path / WEIGHTS).is_file() else TORCH_WEIGHTS
+        raise damaged(path / name, err, REMAKE_MODEL) from None
     return normalise_names(sd)
 
 
@@ -152,7 +160,9 @@ def load_weights_into(model: _Base, sd: dict[str, torch.Tensor], source: str, en
 
 
 def _read_optional_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
+    from cellrank_fm.outputs import REMAKE_MODEL, read_json
+
+    return read_json(path, REMAKE_MODEL) if path.is_file() else None
 
 
 def load_model_dir(path: str | Path, expect: str = "any") -> tuple[_Base, ModelDirInfo]:

@@ -15,8 +15,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cellrank_fm.errors import UserError
-
 
 @dataclass(frozen=True)
 class DemoSize:
@@ -59,17 +57,29 @@ class _Steps:
         return repr(value)
 
 
-def run_demo(out: str | Path, *, seed: int = 0, size: DemoSize = DemoSize(), quiet: bool = False) -> Path:
-    """Run every step into `out` and write `out/report.md` and `out/report.html`; returns the report path."""
+def run_demo(out: str | Path, *, seed: int = 0, size: DemoSize = DemoSize(), quiet: bool = False,
+             overwrite: bool = False) -> Path:
+    """Run every step into `out` and write `out/report.md` and `out/report.html`; returns the report path.
+
+    A failed demo leaves no directory behind (`cellrank_fm.outputs.claim`).
+    """
+    from cellrank_fm.outputs import check_new_directory, claim, remove
+
+    with claim(out) as output:
+        check_new_directory(out, overwrite)
+        if overwrite and Path(out).is_dir():
+            remove(Path(out))
+            output.replaced()
+        return _run_demo(Path(out), seed=seed, size=size, quiet=quiet)
+
+
+def _run_demo(out: Path, *, seed: int, size: DemoSize, quiet: bool) -> Path:
     from rich.console import Console
 
     from cellrank_fm.metrics import metrics_table
     from cellrank_fm.simulate import planted, simulate_corpus
     from cellrank_fm.vocab import save_json_mapping
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} is not empty; choose another --out or remove it first.")
     out.mkdir(parents=True, exist_ok=True)
     steps = _Steps(out, quiet)
     console = Console(quiet=quiet)

@@ -293,9 +293,10 @@ class ExplainResult:
         draw(ax, self, cls, top)
         return ax
 
-    def write(self, out_dir: str | Path, top: int = 20) -> Path:
-        """Tables (Parquet and CSV) and PNG plots into `out_dir`, written whole or not at all."""
-        return write_outputs(self, out_dir, top=top)
+    def write(self, out_dir: str | Path, top: int = 20, overwrite: bool = False) -> Path:
+        """Tables (Parquet and CSV) and PNG plots into `out_dir`, written whole or not at all; an
+        existing non-empty `out_dir` is refused unless `overwrite`."""
+        return write_outputs(self, out_dir, top=top, overwrite=overwrite)
 
     def summary(self, top: int = 5):
         """A rich Table: per class, cells explained, top genes, additivity gap and sampling error."""
@@ -465,12 +466,13 @@ def top_genes(importance, cls: str, k: int = 10, column: str = "gene_id") -> lis
 # ----------------------------------------------------------------------------- outputs
 
 
-def write_outputs(result: ExplainResult, out_dir: str | Path, top: int = 20) -> Path:
+def write_outputs(result: ExplainResult, out_dir: str | Path, top: int = 20, overwrite: bool = False) -> Path:
     """Parquet/CSV tables and PNG plots into `out_dir` (written whole or not at all)."""
     from cellrank_fm.errors import write_json
+    from cellrank_fm.outputs import new_directory
 
     out_dir = Path(out_dir)
-    with atomic_path(out_dir) as tmp:
+    with new_directory(out_dir, overwrite), atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         result.values.to_parquet(tmp / "shap_values.parquet", index=False)
         result.cells.to_parquet(tmp / "cells.parquet", index=False)

@@ -189,6 +189,17 @@ class CellClassificationTask:
     def save(self, model, out_dir: Path, extra: dict) -> None:
         """Nothing mid-run: the best weights are kept in memory and written once at the end."""
 
+    # What a checkpoint holds beyond the loop's own state, so that a resumed run ends as an
+    # uninterrupted one: the best weights so far and the early-stopping record.
+    STATE_FIELDS = ("best_f1", "best_eval", "since_best", "stop", "history", "best_state")
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k, None) for k in self.STATE_FIELDS}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
 
 def class_weights_for(codes: np.ndarray, n_classes: int) -> torch.Tensor:
     """Inverse-frequency weights, normalised so that a balanced set gets weight 1 per class."""
@@ -201,19 +212,22 @@ def class_weights_for(codes: np.ndarray, n_classes: int) -> torch.Tensor:
 
 
 def finetune_cells(shard_dir: str | Path, out: str | Path, opts: FinetuneOptions,
-                   with_baseline: bool = False) -> dict:
+                   with_baseline: bool = False, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Fine-tune a cell classifier; write the model directory and reports to `out`.
 
+    The run builds `out` beside it (`cellrank_fm.outputs.partial_directory`), checkpointed at
+    every evaluation; `resume=True` continues an interrupted run to the same result.
     Returns {"metrics": test metrics, "baseline": baseline metrics or None, "split": Split}.
     """
     from cellrank_fm.checkpoint import save_model_dir
     from cellrank_fm.plots import confusion_matrix_png, curve_png
+    from cellrank_fm.outputs import check_new_directory, partial_directory
     from cellrank_fm.shards import ShardSet
-    from cellrank_fm.train import TrainConfig, train
+    from cellrank_fm.train import STATE, TrainConfig, train
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} already exists and is not empty; choose another --out or remove it.")
+    if not resume:
+        check_new_directory(out, overwrite)
     shards = ShardSet(shard_dir)
     available = list(shards.manifest.get("metadata_columns") or [])
     cell_ids = shards.column("cell_id")
@@ -239,8 +253,10 @@ def finetune_cells(shard_dir: str | Path, out: str | Path, opts: FinetuneOptions
         if gene_set is not None:
             write_json(gene_set, directory / GENE_SET_FILE, indent=2)
 
-    with atomic_path(out) as tmp:
-        tmp.mkdir(parents=True)
+    record = {"options": {k: v for k, v in vars(opts).items() if k not in ("quiet", "device", "max_seconds")},
+              "shards": shards.path.resolve(), "shards_manifest": shards.manifest, "baseline": with_baseline}
+    with partial_directory(out, record, resume=resume, overwrite=overwrite,
+                           has_checkpoint=lambda work: (work / "training" / STATE).is_file()) as (tmp, resuming):
         task = CellClassificationTask(shards, split, opts, weights)
         steps_per_epoch = max(1, len(task.plan(0, 0, 1, opts.tokens_per_batch)))
         max_steps = max(1, int(round(opts.epochs * steps_per_epoch)))
@@ -251,14 +267,13 @@ def finetune_cells(shard_dir: str | Path, out: str | Path, opts: FinetuneOptions
             log_every=max(1, min(10, steps_per_epoch)), seed=opts.seed, device=opts.device,
             max_seconds=opts.max_seconds, quiet=opts.quiet,
         )
-        summary = train(model, task, cfg, tmp / "training")
+        cfg.checkpoint_every = cfg.eval_every  # resumable at every evaluation (--resume)
+        summary = train(model, task, cfg, tmp / "training", resume=resuming)
         # The best checkpoint (by validation macro-F1) becomes the model; without a validation
         # split, the last weights do.
         if task.best_state is not None:
             model.load_state_dict(task.best_state)
         save_model(model, tmp, {"step": summary["step"], "best_validation_macro_f1": task.best_f1})
-        # Fine-tuning is short and restarts cleanly; the optimizer state is not worth its size.
-        (tmp / "training" / "trainer_state.pt").unlink(missing_ok=True)
         proba = predict_tokens(model, shards.tokens(split.test))
         y_test = split.codes("test")
         metrics = classification_metrics(y_test, proba.argmax(1), split.classes)
@@ -290,6 +305,8 @@ def finetune_cells(shard_dir: str | Path, out: str | Path, opts: FinetuneOptions
                                                [h["macro_f1"] for h in task.history])},
                       tmp / "validation_curve.png", xlabel="evaluation", ylabel="macro-F1")
         _write_split_csv(tmp / "split.csv", cell_ids, split)
+        # The checkpoint only served --resume; the log stays.
+        (tmp / "training" / STATE).unlink(missing_ok=True)
     return {"metrics": metrics, "baseline": baseline, "split": split}
 
 
@@ -395,7 +412,8 @@ class GeneClassificationTask:
         """Nothing while training: `finetune_genes` saves the final model itself."""
 
 
-def finetune_genes(shard_dir: str | Path, out: str | Path, gene_labels: str | Path, opts: GeneTaskOptions) -> dict:
+def finetune_genes(shard_dir: str | Path, out: str | Path, gene_labels: str | Path, opts: GeneTaskOptions,
+                   *, overwrite: bool = False) -> dict:
     """k-fold cross-validation over genes: train a token classifier on the other folds' genes,
     score the held-out genes by their mean predicted probability, report ROC AUC per fold."""
     from sklearn.metrics import roc_auc_score, roc_curve
@@ -403,13 +421,13 @@ def finetune_genes(shard_dir: str | Path, out: str | Path, gene_labels: str | Pa
 
     from cellrank_fm.checkpoint import save_model_dir
     from cellrank_fm.model import BertForTokenClassification, preset_config
+    from cellrank_fm.outputs import check_new_directory, new_directory
     from cellrank_fm.plots import roc_png
     from cellrank_fm.shards import ShardSet, check_vocabulary
     from cellrank_fm.train import TrainConfig, train
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} already exists and is not empty; choose another --out or remove it.")
+    check_new_directory(out, overwrite)
     if (opts.from_model is None) == (opts.preset is None):
         raise UserError("give exactly one of --from MODEL_DIR (a pretrained model) or --preset NAME.")
     shards = ShardSet(shard_dir)
@@ -470,7 +488,7 @@ def finetune_genes(shard_dir: str | Path, out: str | Path, gene_labels: str | Pa
 
     folds = StratifiedKFold(n_splits=opts.folds, shuffle=True, random_state=opts.seed)
     results, curves = [], []
-    with atomic_path(out) as tmp:
+    with new_directory(out, overwrite), atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         for k, (tr, te) in enumerate(folds.split(genes, y)):
             model, max_steps = fit(tr, k, tmp / f"fold{k}")

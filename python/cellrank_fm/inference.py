@@ -15,7 +15,6 @@ Everything that applies a trained model goes through here — `predict`, `embed`
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -111,6 +110,7 @@ def load_model(path: PathLike, *, device: str = "auto", gene_id_column: str | No
     """
     from cellrank_fm.checkpoint import load_model_dir
     from cellrank_fm.genes import GENE_MAP_FILE, GeneMapping, load_mapping
+    from cellrank_fm.outputs import REMAKE_MODEL, read_json
     from cellrank_fm.shards import GENE_SET_FILE
     from cellrank_fm.train import pick_device
     from cellrank_fm.vocab import load_medians, load_vocabulary
@@ -129,7 +129,7 @@ def load_model(path: PathLike, *, device: str = "auto", gene_id_column: str | No
     check_model_vocabulary(path, info, info.vocabulary)
     ours = info.cellrank or {}
     version = ours.get("model_version") or ("v2" if "<cls>" in info.vocabulary else "v1")
-    gene_set = json.loads((path / GENE_SET_FILE).read_text()) if (path / GENE_SET_FILE).is_file() else None
+    gene_set = read_json(path / GENE_SET_FILE, REMAKE_MODEL) if (path / GENE_SET_FILE).is_file() else None
     mapping = None
     if gene_map:
         mapping = load_mapping([str(p) for p in gene_map])
@@ -348,14 +348,19 @@ def tokenized_chunks(adata: anndata.AnnData, lm: LoadedModel, chunk_cells: int =
                      layer: str | None = None) -> Iterator[tuple[int, list[np.ndarray], np.ndarray]]:
     """(first row, tokens, ok) for each row chunk of an AnnData (in memory or backed), tokenized as
     the model expects; `ok[i]` is False for a cell without any vocabulary gene (empty tokens)."""
+    from cellrank_fm.readers import FILE_ERRORS, unreadable
     from cellrank_fm.tokenize import tokenize_in_memory
 
     column = gene_id_column_for(lm, adata.var.columns)
     n = adata.n_obs
     for start in range(0, n, chunk_cells):
-        part = adata[start:min(n, start + chunk_cells)]
+        stop = min(n, start + chunk_cells)
+        part = adata[start:stop]
         if adata.isbacked:
-            part = part.to_memory()
+            try:
+                part = part.to_memory()
+            except FILE_ERRORS as err:  # a damaged file fails inside anndata and h5py
+                raise unreadable(adata.filename, err, f" at rows {start}-{stop}") from None
         res = tokenize_in_memory(
             part, lm.vocabulary, lm.medians, model_version=lm.model_version,
             model_input_size=lm.model_input_size, gene_id_column=column,

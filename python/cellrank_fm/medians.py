@@ -16,6 +16,7 @@ import numpy as np
 
 from cellrank_fm.errors import UserError, atomic_path
 from cellrank_fm.genes import build_plan, load_mapping, resolve_label
+from cellrank_fm.outputs import claiming
 from cellrank_fm.tokenize import (
     DEFAULT_CHUNK_CELLS,
     bad_value_error,
@@ -44,6 +45,7 @@ def _universe(sources, vocab, mapping, gene_id_column) -> list[str]:
     return sorted(genes)
 
 
+@claiming("out", "sketch_out")
 def compute_medians(
     inputs,
     out: str | Path | None,
@@ -154,6 +156,7 @@ def load_sketch(path: str | Path):
     return sketch, header
 
 
+@claiming("out", "sketch_out")
 def merge_sketches(paths: Sequence[str | Path], out: str | Path | None, sketch_out: str | Path | None = None) -> dict[str, float]:
     """Merge sketches made over the same gene list; write medians and/or the merged sketch."""
     if len(paths) < 1:

@@ -56,9 +56,10 @@ class PerturbResult:
         draw_shifts(ax, self, top=top)
         return ax
 
-    def write(self, out_dir: str | Path, top: int = 20) -> Path:
-        """genes.parquet/.csv, shifts.parquet, settings.json and shifts.png, written whole or not at all."""
-        return write_outputs(self, out_dir, top=top)
+    def write(self, out_dir: str | Path, top: int = 20, overwrite: bool = False) -> Path:
+        """genes.parquet/.csv, shifts.parquet, settings.json and shifts.png, written whole or not at
+        all; an existing non-empty `out_dir` is refused unless `overwrite`."""
+        return write_outputs(self, out_dir, top=top, overwrite=overwrite)
 
     def summary(self, top: int = 10):
         """A rich Table of the strongest genes."""
@@ -253,12 +254,13 @@ def perturb_cells(
     ))
 
 
-def write_outputs(result: PerturbResult, out_dir: str | Path, top: int = 20) -> Path:
+def write_outputs(result: PerturbResult, out_dir: str | Path, top: int = 20, overwrite: bool = False) -> Path:
     """genes.parquet/.csv, shifts.parquet, settings.json and a PNG, all or nothing."""
     from cellrank_fm.errors import write_json
+    from cellrank_fm.outputs import new_directory
 
     out_dir = Path(out_dir)
-    with atomic_path(out_dir) as tmp:
+    with new_directory(out_dir, overwrite), atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         result.genes.to_parquet(tmp / "genes.parquet", index=False)
         result.genes.to_csv(tmp / "genes.csv", index=False)

@@ -11,7 +11,9 @@ top ranks are dominated by a few ubiquitous genes) and the most frequent token o
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,9 @@ from cellrank_fm.batching import MaskingSpec, pack_masked, token_budget_batches
 from cellrank_fm.checkpoint import is_model_dir, load_model_dir, read_config, save_model_dir
 from cellrank_fm.errors import UserError
 from cellrank_fm.model import BertForMaskedLM, ModelConfig, preset_config
+from cellrank_fm.outputs import Claim, claim
 from cellrank_fm.shards import ShardSet, check_vocabulary
-from cellrank_fm.train import STATE, TrainConfig, train
+from cellrank_fm.train import METRICS, STATE, TrainConfig, train
 
 BASELINE_TOKEN_BUDGET = 5_000_000  # tokens of training cells used to count frequencies
 
@@ -207,17 +210,55 @@ def pretrain(
     val_fraction: float = 0.05,
     val_max_cells: int = 5000,
     resume: bool = False,
+    overwrite: bool = False,
     train_config: TrainConfig | None = None,
 ) -> dict:
     """Pretrain on `shards_dir`, writing the model directory `out`; returns the run summary."""
+    # Rank 0 owns the output; under torchrun the other ranks only read it.
+    with claim(out, enabled=int(os.environ.get("RANK", "0")) == 0) as output:
+        return _pretrain(shards_dir, Path(out), output, preset=preset, config=config, from_dir=from_dir,
+                         val_shards_dir=val_shards_dir, val_fraction=val_fraction, val_max_cells=val_max_cells,
+                         resume=resume, overwrite=overwrite, train_config=train_config)
+
+
+def _note(output: Claim, message: str) -> None:
+    if output.enabled:
+        print(f"note: {message}", file=sys.stderr)
+
+
+def _prepare_out(out: Path, output: Claim, resume: bool, overwrite: bool) -> bool:
+    """Whether to resume: checks what `out` holds, clearing it where that is safe or asked for."""
+    has_state = (out / STATE).is_file()
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    # A run killed before its first checkpoint leaves only its log: nothing to resume or keep.
+    if held == [METRICS] and not has_state and not overwrite:
+        _note(output, f"{out} holds no checkpoint{' to resume' if resume else ''}, only the log of a run stopped "
+                      "before its first one; starting from scratch")
+        overwrite = True
+    if resume and not has_state:
+        if held and not overwrite:
+            what = "a model without its training state (trainer_state.pt)" if is_model_dir(out) else "files"
+            raise UserError(f"{out} holds {what}, so there is no run to resume; pass --overwrite to start again "
+                            "there or choose another --out.")
+        if not overwrite:
+            _note(output, f"{out} holds no checkpoint to resume; starting from scratch")
+        resume = False
+    if not resume and held:
+        if not overwrite:
+            what = "a model" if is_model_dir(out) else "files"
+            raise UserError(f"{out} already holds {what}; pass --resume to continue training there, --overwrite to "
+                            "replace it, or choose another --out.")
+        if output.enabled:
+            shutil.rmtree(out)
+            output.replaced()
+    return resume
+
+
+def _pretrain(shards_dir, out: Path, output: Claim, *, preset, config, from_dir, val_shards_dir, val_fraction,
+              val_max_cells, resume, overwrite, train_config) -> dict:
     cfg = train_config or TrainConfig()
-    out = Path(out)
     shards = ShardSet(shards_dir)
-    if resume and not (out / STATE).is_file():
-        raise UserError(f"{out} holds no training run to resume; start without --resume.")
-    if not resume and out.exists() and any(out.iterdir()):
-        what = "a model" if is_model_dir(out) else "files"
-        raise UserError(f"{out} already holds {what}; pass --resume to continue training there or choose another --out.")
+    resume = _prepare_out(out, output, resume, overwrite)
     torch.manual_seed(cfg.seed)  # the initial weights
     model = build_model(shards, out, preset, config, from_dir, resume)
     spec = masking_spec(shards, model.config.vocab_size)
@@ -234,12 +275,11 @@ def pretrain(
         shards=shards, train_cells=train_cells, val_shards=val_shards, val_cells=val_cells, spec=spec,
         seed=cfg.seed, model_extra={"task": "masked-gene", **shards.tokenization()}, eval_tokens_per_batch=cfg.tokens_per_batch,
     )
-    created = not out.exists()
     try:
         summary = train(model, task, cfg, out, resume=resume)
     except BaseException:
-        if created and not (out / STATE).exists():
-            shutil.rmtree(out, ignore_errors=True)  # nothing worth keeping was written
+        if (out / STATE).exists():
+            output.keep()  # a checkpoint is worth resuming from, whatever stopped the run
         raise
     summary["train_cells"], summary["val_cells"] = len(train_cells), len(val_cells)
     summary["parameters"] = model.num_parameters()

@@ -106,12 +106,14 @@ class ShardSet:
         return (self.manifest.get("vocabulary") or {}).get("sha256")
 
     def _json(self, name: str, required: bool) -> dict:
+        from cellrank_fm.outputs import REMAKE_SHARDS, read_json
+
         p = self.path / name
         if not p.is_file():
             if required:
                 raise UserError(f"{self.path} lacks {name}; re-run `cellrank tokenize`.")
             return {}
-        return json.loads(p.read_text())
+        return read_json(p, REMAKE_SHARDS)
 
     @cached_property
     def vocabulary(self) -> dict[str, int]:
@@ -144,7 +146,9 @@ class ShardSet:
             return None
         stored = self.path / GENE_SET_FILE
         if stored.is_file():
-            return sorted(json.loads(stored.read_text()))
+            from cellrank_fm.outputs import REMAKE_SHARDS, read_json
+
+            return sorted(read_json(stored, REMAKE_SHARDS))
         from cellrank_fm.genes import load_gene_set, resolve_gene_set
 
         source = Path(str(info.get("source", "")))
@@ -179,11 +183,9 @@ class ShardSet:
     @cached_property
     def lengths(self) -> np.ndarray:
         """Token count of every cell, uint32 [cells], read from the `length` columns only."""
-        import pyarrow.parquet as pq
-
         out = np.empty(len(self), dtype=np.uint32)
         for i, f in enumerate(self.part_files):
-            col = pq.read_table(f, columns=["length"]).column("length").to_numpy()
+            col = read_part(f, ["length"]).column("length").to_numpy()
             if len(col) != self.part_rows[i]:
                 raise UserError(f"{f} holds {len(col)} rows but the manifest says {self.part_rows[i]}; re-run `cellrank tokenize`.")
             out[self.part_starts[i] : self.part_starts[i + 1]] = col
@@ -198,9 +200,7 @@ class ShardSet:
 
     def _part_tokens(self, part: int) -> list[np.ndarray]:
         if self._cached_part != part:
-            import pyarrow.parquet as pq
-
-            col = pq.read_table(self.part_files[part], columns=["input_ids"]).column("input_ids").combine_chunks()
+            col = read_part(self.part_files[part], ["input_ids"]).column("input_ids").combine_chunks()
             values = col.values.to_numpy(zero_copy_only=False)
             offsets = col.offsets.to_numpy()
             self._cached_tokens = [values[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
@@ -224,11 +224,16 @@ class ShardSet:
         """A per-cell column (metadata, `cell_id`, `source`, `length`) over all parts, or of `indices`."""
         import pyarrow.parquet as pq
 
-        schema = pq.read_schema(self.part_files[0])
+        try:
+            schema = pq.read_schema(self.part_files[0])
+        except Exception as err:  # noqa: BLE001 - pyarrow's errors for a damaged file vary
+            from cellrank_fm.outputs import REMAKE_SHARDS, damaged
+
+            raise damaged(self.part_files[0], err, REMAKE_SHARDS) from None
         if name not in schema.names:
             have = [n for n in schema.names if n != "input_ids"]
             raise UserError(f"{self.path} has no column {name!r}; it has {', '.join(have)}.")
-        chunks = [pq.read_table(f, columns=[name]).column(name) for f in self.part_files]
+        chunks = [read_part(f, [name]).column(name) for f in self.part_files]
         import pyarrow as pa
 
         col = pa.chunked_array([c for ch in chunks for c in ch.chunks], type=chunks[0].type)
@@ -237,6 +242,18 @@ class ShardSet:
             return values if indices is None else [values[i] for i in indices]
         arr = col.to_numpy()
         return arr if indices is None else arr[np.asarray(indices)]
+
+
+def read_part(path: Path, columns: list[str]):
+    """Columns of one Parquet part; a damaged part is named, with how to make it again."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, columns=columns)
+    except Exception as err:  # noqa: BLE001 - pyarrow's errors for a damaged file vary
+        from cellrank_fm.outputs import REMAKE_SHARDS, damaged
+
+        raise damaged(path, err, REMAKE_SHARDS) from None
 
 
 def check_vocabulary(shards: ShardSet, vocab_size: int, vocab_sha256: str | None, what: str) -> None:

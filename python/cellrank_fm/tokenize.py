@@ -38,6 +38,7 @@ from cellrank_fm.genes import (
     resolve_gene_set,
     symbols_for,
 )
+from cellrank_fm.outputs import Claim, claim, read_json
 from cellrank_fm.readers import Chunk, MatrixReader, expand_inputs, open_input
 from cellrank_fm.shards import (
     FORMAT,
@@ -85,7 +86,11 @@ class TokenizeSettings:
     genes_column: str | None = None
 
     def resolved_input_size(self) -> int:
-        return int(self.model_input_size or preset(self.model_version).model_input_size)
+        if self.model_input_size is None:
+            return int(preset(self.model_version).model_input_size)
+        if self.model_input_size < 1:
+            raise UserError(f"--model-input-size must be at least 1 (tokens per cell), not {self.model_input_size}")
+        return int(self.model_input_size)
 
 
 @dataclass
@@ -154,12 +159,17 @@ def gene_labels(reader: MatrixReader, gene_id_column: str | None) -> tuple[list[
     """Labels to resolve, plus display symbols when IDs come from a column and var_names are symbols."""
     symbol_column = next((c for c in SYMBOL_COLUMNS if c in reader.var_columns() and c != gene_id_column), None)
     symbols = reader.var_column(symbol_column) if symbol_column else None
+    labels = reader.var_column(gene_id_column) if gene_id_column else reader.var_names
+    named = f"gene column {gene_id_column!r}" if gene_id_column else "var_names"
+    for values, what in ((labels, named), (symbols, f"gene column {symbol_column!r}")):
+        if values is not None and len(values) != reader.n_cols:  # each label indexes a matrix column
+            raise UserError(f"{reader.path}: {what} holds {len(values)} names for {reader.n_cols} genes; "
+                            "the file is damaged")
     if gene_id_column:
         names = reader.var_names
         if sum(map(looks_like_ensembl, names[:500])) < 0.5 * min(500, len(names)):
             symbols = names
-        return reader.var_column(gene_id_column), symbols
-    return reader.var_names, symbols
+    return labels, symbols
 
 
 def plan_for(reader: MatrixReader, dicts: Dictionaries, gene_id_column: str | None) -> ColumnPlan:
@@ -313,7 +323,7 @@ def keep_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 1 << 30)
 
 def tokenize_files(
-    inputs: Sequence[str | Path],
+    inputs,
     out_dir: str | Path,
     dicts: Dictionaries,
     settings: TokenizeSettings | None = None,
@@ -323,16 +333,24 @@ def tokenize_files(
     overwrite: bool = False,
     quiet: bool = False,
 ) -> dict:
-    """Tokenize inputs (files, Matrix Market directories, directories of them) into one shard set.
+    """Tokenize inputs (files, Matrix Market directories, directories of them, AnnData objects)
+    into one shard set.
 
-    Returns the manifest.
+    Returns the manifest. The output is claimed for the run (`cellrank_fm.outputs.claim`): a
+    second run on it is refused, and a fresh run that fails leaves nothing behind.
     """
+    with claim(out_dir) as output:
+        return _tokenize_files(inputs, Path(out_dir), dicts, settings, output, chunk_cells=chunk_cells,
+                               resume=resume, overwrite=overwrite, quiet=quiet)
+
+
+def _tokenize_files(inputs, out: Path, dicts: Dictionaries, settings: TokenizeSettings | None, output: Claim, *,
+                    chunk_cells: int, resume: bool, overwrite: bool, quiet: bool) -> dict:
     keep_freed_memory()
     from cellrank_fm import __version__
     from cellrank_fm._core import ShardWriter
 
     settings = settings or TokenizeSettings()
-    out = Path(out_dir)
     sources = input_sources(inputs, settings.layer, settings.orientation, _gene_predicate(dicts))
     max_genes_total = settings.resolved_input_size()
     prefix, suffix, n_special, specials = _model_tokens(settings.model_version, dicts.vocabulary)
@@ -375,7 +393,7 @@ def tokenize_files(
     if resume and any(p.in_memory for p in plans):
         raise UserError("resume needs input files: an AnnData held in memory cannot be checked for changes; "
                         "write it to .h5ad first, or start again without resume")
-    done = _prepare_out_dir(out, run_record, resume, overwrite)
+    done = _prepare_out_dir(out, run_record, resume, overwrite, output)
     if done is not None:
         _say(f"{out} is already complete ({done['cells']['written']} cells)", quiet)
         return done
@@ -428,7 +446,7 @@ def _gene_predicate(dicts: Dictionaries):
     return is_gene
 
 
-def _prepare_out_dir(out: Path, run_record: dict, resume: bool, overwrite: bool) -> dict | None:
+def _prepare_out_dir(out: Path, run_record: dict, resume: bool, overwrite: bool, output: Claim) -> dict | None:
     """Create/validate the output directory; returns the manifest if a resumed run is complete."""
     manifest_path = out / MANIFEST
     run_path = out / RUN_FILE
@@ -437,18 +455,24 @@ def _prepare_out_dir(out: Path, run_record: dict, resume: bool, overwrite: bool)
     ours = out.exists() and (manifest_path.exists() or run_path.exists())
     if out.exists() and any(out.iterdir()):
         if resume and ours:
+            remedy = "start again with --overwrite"
             if manifest_path.exists():
-                manifest = json.loads(manifest_path.read_text())
+                manifest = read_json(manifest_path, remedy)
                 _check_same(manifest.get("run", {}), run_record, out)
                 return manifest
-            _check_same(json.loads(run_path.read_text()), run_record, out)
+            _check_same(read_json(run_path, remedy), run_record, out)
             return None
         if overwrite and ours:
             shutil.rmtree(out)
+            output.replaced()
         elif overwrite:
             raise UserError(f"{out} holds files that are not a cellrank shard set; refusing to overwrite it")
+        elif resume:
+            raise UserError(f"{out} holds files but no cellrank run to resume; choose another --out")
         else:
             raise UserError(f"{out} already exists and is not empty; pass --resume to continue it or --overwrite to replace it")
+    elif resume:
+        print(f"note: {out} holds no run to resume; starting from scratch", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     write_json(run_record, run_path)
     (out / PROGRESS_FILE).unlink(missing_ok=True)

@@ -11,6 +11,7 @@ from cellrank_fm.cli.app import app
 from cellrank_fm.cli.options import (
     MODEL,
     OUT,
+    RUN,
     TRAIN,
     AnyModel,
     Classifier,
@@ -25,6 +26,7 @@ from cellrank_fm.cli.options import (
     ModelGeneIdColumn,
     ModelGeneMap,
     NoClassWeight,
+    Overwrite,
     Quiet,
     SplitBy,
     SplitColumn,
@@ -49,6 +51,7 @@ def baseline_cmd(
     validation_fraction: ValFraction = 0.1,
     test_fraction: TestFraction = 0.1,
     min_class_size: MinClassSize = 10,
+    overwrite: Overwrite = False,
 ) -> None:
     """Logistic regression on log-normalised highly variable genes, on the same split as finetune.
 
@@ -57,19 +60,22 @@ def baseline_cmd(
     Example: cellrank baseline shards/ --label condition --out baseline/
     """
     from cellrank_fm import api
-    from cellrank_fm.errors import write_json
+    from cellrank_fm.errors import atomic_path, write_json
     from cellrank_fm.metrics import metrics_table, print_table
+    from cellrank_fm.outputs import check_new_directory, new_directory
     from cellrank_fm.plots import confusion_matrix_png
 
     out = out or Path(f"baseline-{label}")
+    check_new_directory(out, overwrite)
     result = api.baseline(data, label=label, n_top_genes=n_top_genes, class_weight=not no_class_weight,
                           **split_options(seed, split_by, split_column, validation_fraction, test_fraction, min_class_size))
     for msg in result.pop("messages", []):
         typer.echo(msg, err=True)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(result, out / "metrics.json", indent=2)
-    confusion_matrix_png(result["confusion_matrix"], result["classes"], out / "confusion_matrix.png",
-                         title=f"baseline: {label} (test split)")
+    with new_directory(out, overwrite), atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        write_json(result, tmp / "metrics.json", indent=2)
+        confusion_matrix_png(result["confusion_matrix"], result["classes"], tmp / "confusion_matrix.png",
+                             title=f"baseline: {label} (test split)")
     print_table(metrics_table({"baseline": result}, title=f"{label}: test split"))
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'confusion_matrix.png'}")
 
@@ -77,7 +83,7 @@ def baseline_cmd(
 @app.command("finetune", rich_help_panel="Classify")
 def finetune_cmd(
     shards: Annotated[Path, typer.Argument(help="Token shard directory from `cellrank tokenize` (with the label kept: --keep-obs COLUMN).", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output model directory (must not exist or be empty).", rich_help_panel=OUT)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output model directory (must not exist or be empty, unless --overwrite).", rich_help_panel=OUT)],
     label: Annotated[Optional[str], typer.Option("--label", "-l", metavar="COLUMN", help="Cell metadata column to predict (cell classification).")] = None,
     from_model: Annotated[Optional[Path], typer.Option("--from", metavar="MODEL_DIR", help="Pretrained model directory (from `cellrank pretrain` or a Geneformer checkpoint).", rich_help_panel=MODEL)] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", metavar="NAME", help="Train from scratch with this model size instead (tiny, geneformer-v1, ...).", rich_help_panel=MODEL)] = None,
@@ -96,6 +102,8 @@ def finetune_cmd(
     max_seconds: Annotated[Optional[float], typer.Option("--max-seconds", help="Stop training after this wall time (the best checkpoint is kept).", rich_help_panel=TRAIN)] = None,
     device: Device = "auto",
     baseline: Annotated[bool, typer.Option("--baseline", help="Also fit the logistic-regression baseline on the same split and print both.", rich_help_panel=OUT)] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run into the same --out (same shards and options give the same model).", rich_help_panel=RUN)] = False,
+    overwrite: Overwrite = False,
     quiet: Quiet = False,
     seed: SplitSeed = 0,
     split_by: SplitBy = None,
@@ -116,7 +124,7 @@ def finetune_cmd(
 
     # Options left unset take the option classes' defaults (FinetuneOptions, GeneTaskOptions).
     unset = {k: v for k, v in {"epochs": epochs, "max_cells": max_cells}.items() if v is not None}
-    common = dict(out=out, from_model=from_model, preset=preset, progress=not quiet, seed=seed, lr=lr,
+    common = dict(out=out, from_model=from_model, preset=preset, overwrite=overwrite, progress=not quiet, seed=seed, lr=lr,
                   tokens_per_batch=tokens_per_batch, freeze_layers=freeze_layers, device=device, **unset)
     if task == "genes":
         if gene_labels is None:
@@ -138,7 +146,7 @@ def finetune_cmd(
     if task != "cells":
         raise UserError(f"--task must be cells or genes, not {task!r}.")
     result = api.finetune(
-        shards, label=label, baseline=baseline, pooling=pooling, class_weight=not no_class_weight,
+        shards, label=label, baseline=baseline, resume=resume, pooling=pooling, class_weight=not no_class_weight,
         evals_per_epoch=evals_per_epoch, patience=patience, max_seconds=max_seconds,
         split_by=split_by, split_column=split_column, validation_fraction=validation_fraction,
         test_fraction=test_fraction, min_class_size=min_class_size, **common,
@@ -179,15 +187,17 @@ def predict_cmd(
     """
     from cellrank_fm import api
     from cellrank_fm.inference import write_h5ad_copy
+    from cellrank_fm.outputs import claim_all
 
     _check_out(input, out)
-    adata = api.predict(model_dir, input, layer=layer, gene_id_column=gene_id_column, gene_map=gene_map or (),
-                        tokens_per_batch=tokens_per_batch, device=device, progress=not quiet)
-    try:
-        write_h5ad_copy(input, out, adata, obsm=["cellrank_proba"], uns=["cellrank_proba_classes", "cellrank"])
-        labels = adata.obs["cellrank_label"]
-    finally:
-        adata.file.close()
+    with claim_all(out):
+        adata = api.predict(model_dir, input, layer=layer, gene_id_column=gene_id_column, gene_map=gene_map or (),
+                            tokens_per_batch=tokens_per_batch, device=device, progress=not quiet)
+        try:
+            write_h5ad_copy(input, out, adata, obsm=["cellrank_proba"], uns=["cellrank_proba_classes", "cellrank"])
+            labels = adata.obs["cellrank_label"]
+        finally:
+            adata.file.close()
     cells, untokenized = adata.n_obs, int(labels.isna().sum())
     shown = ", ".join(f"{k} {v:,}" for k, v in labels.value_counts().items())
     typer.echo(f"classified {cells - untokenized:,} of {cells:,} cells ({shown}); "
@@ -226,6 +236,7 @@ def embed_cmd(
     from cellrank_fm import api
     from cellrank_fm.errors import UserError, atomic_path
     from cellrank_fm.inference import open_h5ad, write_h5ad_copy
+    from cellrank_fm.outputs import claim_all
 
     layer, hidden_layer = layers(layer, hidden_layer)
     if counts_layer is not None:
@@ -239,26 +250,27 @@ def embed_cmd(
         if umap_color not in columns:
             raise UserError(f"the colour column {umap_color!r} is not in {input}; available columns: "
                             f"{', '.join(columns) or 'none'}.")
-    umap = umap_png is not None or umap_color is not None
-    adata = api.embed(model_dir, input, hidden_layer=hidden_layer, pooling=pooling, genes=genes_out is not None,
-                      umap=umap, seed=seed, layer=layer, gene_id_column=gene_id_column, gene_map=gene_map or (),
-                      tokens_per_batch=tokens_per_batch, device=device, progress=not quiet)
-    try:
-        write_h5ad_copy(input, out, adata, obsm=["X_cellrank"] + ["X_cellrank_umap"] * umap, uns=["cellrank_embedding"])
-        if umap_png is not None:
-            from cellrank_fm.plots import scatter_png
+    with claim_all(out, genes_out, umap_png):
+        umap = umap_png is not None or umap_color is not None
+        adata = api.embed(model_dir, input, hidden_layer=hidden_layer, pooling=pooling, genes=genes_out is not None,
+                          umap=umap, seed=seed, layer=layer, gene_id_column=gene_id_column, gene_map=gene_map or (),
+                          tokens_per_batch=tokens_per_batch, device=device, progress=not quiet)
+        try:
+            write_h5ad_copy(input, out, adata, obsm=["X_cellrank"] + ["X_cellrank_umap"] * umap, uns=["cellrank_embedding"])
+            if umap_png is not None:
+                from cellrank_fm.plots import scatter_png
 
-            coords = adata.obsm["X_cellrank_umap"]
-            ok = ~np.isnan(coords).any(axis=1)
-            colours = adata.obs[umap_color].to_numpy()[ok] if umap_color is not None else None
-            scatter_png(coords[ok], colours, umap_png, title=f"cellrank embedding ({model_dir.name})",
-                        legend_title=umap_color or "")
-        if genes_out is not None:
-            with atomic_path(genes_out) as tmp:
-                adata.uns["cellrank_gene_embeddings"].to_parquet(tmp, index=False)
-        record, dimensions = adata.uns["cellrank_embedding"], adata.obsm["X_cellrank"].shape[1]
-    finally:
-        adata.file.close()
+                coords = adata.obsm["X_cellrank_umap"]
+                ok = ~np.isnan(coords).any(axis=1)
+                colours = adata.obs[umap_color].to_numpy()[ok] if umap_color is not None else None
+                scatter_png(coords[ok], colours, umap_png, title=f"cellrank embedding ({model_dir.name})",
+                            legend_title=umap_color or "")
+            if genes_out is not None:
+                with atomic_path(genes_out) as tmp:
+                    adata.uns["cellrank_gene_embeddings"].to_parquet(tmp, index=False)
+            record, dimensions = adata.uns["cellrank_embedding"], adata.obsm["X_cellrank"].shape[1]
+        finally:
+            adata.file.close()
     typer.echo(f"embedded {record['cells'] - record['untokenized']:,} of {record['cells']:,} cells ({dimensions} "
                f"dimensions, layer {record['layer']}, {record['pooling']} pooling); {record['untokenized']:,} could "
                f"not be tokenized and have NaN rows")

@@ -17,6 +17,7 @@ def demo(
     seed: Annotated[int, typer.Option("--seed", help="Seed for the simulation and every random step (same seed, same numbers).")] = 0,
     quick: Annotated[bool, typer.Option("--quick", help="A smaller corpus and shorter training (about a minute).")] = False,
     quiet: Quiet = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.")] = False,
 ) -> None:
     """Run the whole pipeline on a simulated corpus and write a report with tables and plots.
 
@@ -29,4 +30,4 @@ def demo(
     """
     from cellrank_fm.demo import QUICK, DemoSize, run_demo
 
-    run_demo(out, seed=seed, size=QUICK if quick else DemoSize(), quiet=quiet)
+    run_demo(out, seed=seed, size=QUICK if quick else DemoSize(), quiet=quiet, overwrite=overwrite)

@@ -20,6 +20,7 @@ from cellrank_fm.cli.options import (
     HiddenLayer,
     InferenceTokens,
     OutputDir,
+    Overwrite,
     Quiet,
     layers,
 )
@@ -45,6 +46,7 @@ def explain_cmd(
     device: Device = "auto",
     tokens_per_batch: InferenceTokens = 65536,
     quiet: Quiet = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Which genes decide each class: SHAP values of the gene-deletion game.
 
@@ -60,11 +62,13 @@ def explain_cmd(
     from rich.console import Console
 
     from cellrank_fm import api
+    from cellrank_fm.outputs import check_new_directory
 
+    check_new_directory(out, overwrite)  # before minutes of work, and again when writing
     result = api.explain(model_dir, input, label=label, classes=classes, all_classes=all_classes,
                          per_class=per_class, method=method, permutations=permutations, samples=samples, seed=seed,
                          layer=layer, tokens_per_batch=tokens_per_batch, device=device, progress=not quiet)
-    result.write(out, top=top)
+    result.write(out, top=top, overwrite=overwrite)
     if not quiet:
         console = Console()
         console.print(result.summary())
@@ -91,6 +95,7 @@ def perturb_cmd(
     device: Device = "auto",
     tokens_per_batch: InferenceTokens = 65536,
     quiet: Quiet = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """In silico perturbation: delete or overexpress genes and measure the shift toward a goal state.
 
@@ -104,13 +109,15 @@ def perturb_cmd(
     from rich.console import Console
 
     from cellrank_fm import api
+    from cellrank_fm.outputs import check_new_directory
 
+    check_new_directory(out, overwrite)  # before minutes of work, and again when writing
     layer, hidden_layer = layers(layer, hidden_layer)
     result = api.perturb(model_dir, input, state_column=state_column, start_state=start_state, goal_state=goal_state,
                          alt_states=alt_states or (), genes=genes, as_set=as_set, mode=mode, hidden_layer=hidden_layer,
                          null_genes=null_genes, max_cells=max_cells, seed=seed, layer=layer,
                          tokens_per_batch=tokens_per_batch, device=device, progress=not quiet)
-    result.write(out)
+    result.write(out, overwrite=overwrite)
     if not quiet:
         Console().print(result.summary())
         Console().print(f"results in {out}/")

@@ -35,7 +35,8 @@ def pretrain(
     eval_every: Annotated[int, typer.Option("--eval-every", help="Validate every N steps (0 = at the start and the end only).", rich_help_panel=RUN)] = 0,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Write a resumable checkpoint every N steps (and always at the end).", rich_help_panel=RUN)] = 500,
     seed: Annotated[int, typer.Option("--seed", help="Seed for initialisation, data order, masking and dropout.", rich_help_panel=RUN)] = 0,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out (same options give the same result).", rich_help_panel=RUN)] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out (same options give the same result); without a checkpoint, start from scratch.", rich_help_panel=RUN)] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what --out holds (a model or an earlier run) instead of refusing.", rich_help_panel=RUN)] = False,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (faster on GPU after a warm-up).", rich_help_panel=RUN)] = False,
     device: Device = "auto",
     no_bf16: Annotated[bool, typer.Option("--no-bf16", help="Train in fp32 on GPU (default: bf16 autocast).", rich_help_panel=RUN)] = False,
@@ -56,7 +57,7 @@ def pretrain(
     options = {} if warmup_steps is None else {"warmup_steps": warmup_steps}  # default: 5% of the steps
     summary = api.pretrain(
         shards, out=out, preset=preset, config=config, from_model=from_dir, val=val, val_fraction=val_fraction,
-        val_max_cells=val_max_cells, resume=resume, progress=not quiet, lr=lr, weight_decay=weight_decay,
+        val_max_cells=val_max_cells, resume=resume, overwrite=overwrite, progress=not quiet, lr=lr, weight_decay=weight_decay,
         schedule=schedule, max_steps=max_steps, grad_clip=grad_clip or None, grad_accum=grad_accum,
         tokens_per_batch=tokens_per_batch, eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed,
         bf16=not no_bf16, compile=compile, device=device, max_seconds=max_seconds, **options,

@@ -37,6 +37,7 @@ H5adCells = Annotated[Path, typer.Argument(help="Cells (.h5ad, raw counts).", sh
 Classifier = Annotated[Path, typer.Argument(help="Classifier directory from `cellrank finetune`.", show_default=False)]
 AnyModel = Annotated[Path, typer.Argument(help="Model directory (a fine-tuned classifier or a pretrained model).", show_default=False)]
 OutputDir = Annotated[Path, typer.Option("--out", "-o", help="Output directory (tables and plots).", rich_help_panel=OUT)]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.", rich_help_panel=OUT)]
 CountsLayer = Annotated[Optional[str], typer.Option("--layer", help="Layer holding the raw counts ('raw' for raw/X); default X.", rich_help_panel=CELLS)]
 Orientation = Annotated[str, typer.Option("--orientation", help="Tables: auto, samples-by-genes or genes-by-samples.", rich_help_panel=CELLS)]
 HiddenLayer = Annotated[Optional[int], typer.Option("--hidden-layer", help="Hidden layer to read: -1 last (default), -2 second last, 0 the embeddings.", rich_help_panel=METHOD)]
