@@ -116,7 +116,7 @@ def main() -> None:
     for task, *_ in TASKS:
         rows = [r for r in results if r["task"] == task]
 
-        def mean(key: str) -> str:
+        def mean(key: str, rows: list = rows) -> str:
             vals = [r[key] for r in rows if key in r]
             return f"{np.mean(vals):.3f}" if vals else "-"
 

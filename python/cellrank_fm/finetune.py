@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from cellrank_fm.batching import pack, token_budget_batches
-from cellrank_fm.errors import UserError, atomic_path, warn
-from cellrank_fm.metrics import classification_metrics, write_json
+from cellrank_fm.errors import UserError, atomic_path, warn, write_json
+from cellrank_fm.inference import gene_scores, predict_tokens
+from cellrank_fm.metrics import classification_metrics
+from cellrank_fm.shards import GENE_SET_FILE
 from cellrank_fm.splits import SHARD_HINT, Split, split_cells
-
-GENE_SET_FILE = "gene_set.json"
 
 
 @dataclass
@@ -149,29 +149,6 @@ def plan_training(opts: FinetuneOptions, hidden_size: int, pretrained: bool, tra
     return plan
 
 
-def gene_set_ids(shards) -> list[str] | None:
-    """The gene IDs a gene-set tokenization kept (re-resolved from the recorded source), or None."""
-    info = shards.manifest.get("gene_set")
-    if not info:
-        return None
-    stored = shards.path / GENE_SET_FILE
-    if stored.is_file():
-        from cellrank_fm.outputs import REMAKE_SHARDS, read_json
-
-        return sorted(read_json(stored, REMAKE_SHARDS))
-    from cellrank_fm.genes import load_gene_set, resolve_gene_set
-
-    source = Path(str(info.get("source", "")))
-    if not source.is_file():
-        raise UserError(
-            f"the shards were tokenized with the gene set {source}, which is gone; the model must "
-            f"record it so `predict` tokenizes new cells alike — restore the file."
-        )
-    column = (shards.manifest.get("settings") or {}).get("genes_column")
-    ids, _ = resolve_gene_set(load_gene_set(source, column), None, shards.vocabulary)
-    return sorted(ids)
-
-
 def _special_ids(special: dict) -> list[int]:
     return sorted(int(v) for v in special.values() if v is not None)
 
@@ -226,28 +203,6 @@ def freeze_layers(model, n: int) -> None:
     for layer in layers[:n]:
         for p in layer.parameters():
             p.requires_grad_(False)
-
-
-def device_for(name: str = "auto") -> torch.device:
-    from cellrank_fm.train import pick_device
-
-    return pick_device(name)
-
-
-@torch.no_grad()
-def predict_tokens(model, tokens: list[np.ndarray], tokens_per_batch: int = 32768,
-                   device: torch.device | None = None) -> np.ndarray:
-    """Class probabilities [cells, classes] for token arrays (all non-empty), in input order."""
-    device = device or next(model.parameters()).device
-    model.eval()
-    lengths = np.array([len(t) for t in tokens], dtype=np.int64)
-    out = np.zeros((len(tokens), model.config.num_labels), dtype=np.float32)
-    for idx in token_budget_batches(lengths, tokens_per_batch, shuffle=False):
-        batch = pack([tokens[i] for i in idx], device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(batch)
-        out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-    return out
 
 
 # ----------------------------------------------------------------------------- the task
@@ -307,8 +262,7 @@ class CellClassificationTask:
     def evaluate(self, model) -> dict[str, float]:
         if not len(self.split.validation):
             return {}
-        device = next(model.parameters()).device
-        proba = predict_tokens(model, self.val_tokens, device=device)
+        proba = predict_tokens(model, self.val_tokens)
         y = self.codes[self.split.validation]
         m = classification_metrics(y, proba.argmax(1), self.split.classes)
         loss = float(F.nll_loss(torch.log(torch.from_numpy(proba).clamp_min(1e-9)), torch.from_numpy(y)))
@@ -386,7 +340,7 @@ def finetune_cells(shard_dir: str | Path, out: str | Path, opts: FinetuneOptions
         say(msg)
     if not len(split.test):
         raise UserError("the test split is empty; raise --test-fraction or add cells.")
-    gene_set = gene_set_ids(shards)
+    gene_set = shards.gene_set
     model = build_classifier(shards, len(split.classes), opts)
     codes_train = np.array([split.classes.index(x) for x in split.labels[split.train]])
     weights = class_weights_for(codes_train, len(split.classes)) if opts.class_weight else None
@@ -396,7 +350,7 @@ def finetune_cells(shard_dir: str | Path, out: str | Path, opts: FinetuneOptions
         save_model_dir(m, directory, shards.vocabulary, shards.medians, shards.symbols,
                        extra_config={**info, **extra}, labels=list(split.classes), gene_map=shards.gene_map)
         if gene_set is not None:
-            write_json(gene_set, directory / GENE_SET_FILE)
+            write_json(gene_set, directory / GENE_SET_FILE, indent=2)
 
     record = {"options": {k: v for k, v in vars(opts).items() if k not in ("quiet", "device", "max_seconds")},
               "shards": shards.path.resolve(), "shards_manifest": shards.manifest, "baseline": with_baseline}
@@ -419,9 +373,8 @@ def finetune_cells(shard_dir: str | Path, out: str | Path, opts: FinetuneOptions
         # split, the last weights do.
         if task.best_state is not None:
             model.load_state_dict(task.best_state)
-        device = next(model.parameters()).device
         save_model(model, tmp, {"step": summary["step"], "best_validation_macro_f1": task.best_f1})
-        proba = predict_tokens(model, shards.tokens(split.test), device=device)
+        proba = predict_tokens(model, shards.tokens(split.test))
         y_test = split.codes("test")
         metrics = classification_metrics(y_test, proba.argmax(1), split.classes)
         metrics.update({
@@ -448,7 +401,7 @@ def finetune_cells(shard_dir: str | Path, out: str | Path, opts: FinetuneOptions
             probe = token_probe(shards, split, seed=opts.seed, class_weight=opts.class_weight)
             metrics["token_probe"] = {k: probe[k] for k in ("accuracy", "macro_f1", "per_class", "genes", "C")}
         metrics["warnings"] = quality_check(metrics, opts, summary)
-        write_json(metrics, tmp / "metrics.json")
+        write_json(metrics, tmp / "metrics.json", indent=2)
         confusion_matrix_png(metrics["confusion_matrix"], split.classes, tmp / "confusion_matrix.png",
                              title=f"{opts.label}: test split")
         if task.history:
@@ -542,6 +495,8 @@ def read_gene_labels(path: str | Path, vocabulary: dict[str, int]) -> tuple[list
     IDs below). Returns (classes, gene id -> class index for genes in the vocabulary, report)."""
     import pandas as pd
 
+    from cellrank_fm.genes import normalise_id
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"gene label file {path} does not exist.")
@@ -557,7 +512,7 @@ def read_gene_labels(path: str | Path, vocabulary: dict[str, int]) -> tuple[list
     missing: dict[str, int] = {c: 0 for c in classes}
     for k, c in enumerate(classes):
         for raw in df[c].dropna():
-            gid = str(raw).strip().upper().split(".")[0]
+            gid = normalise_id(str(raw)) or str(raw).strip().upper()
             if not gid:
                 continue
             listed += 1
@@ -606,27 +561,6 @@ class GeneClassificationTask:
 
     def save(self, model, out_dir, extra):
         """Nothing while training: `finetune_genes` saves the final model itself."""
-
-
-@torch.no_grad()
-def gene_scores(model, tokens: list[np.ndarray], genes: np.ndarray, tokens_per_batch: int = 32768) -> np.ndarray:
-    """Mean class probabilities [len(genes), classes] over every occurrence of each gene token."""
-    device = next(model.parameters()).device
-    model.eval()
-    vocab = model.config.vocab_size
-    sums = torch.zeros(vocab, model.config.num_labels, dtype=torch.float64)
-    counts = torch.zeros(vocab, dtype=torch.float64)
-    lengths = np.array([len(t) for t in tokens], dtype=np.int64)
-    for idx in token_budget_batches(lengths, tokens_per_batch, shuffle=False):
-        batch = pack([tokens[i] for i in idx], device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(batch)
-        p = torch.softmax(logits.float(), -1).cpu().double()
-        ids = batch.input_ids.cpu()
-        sums.index_add_(0, ids, p)
-        counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float64))
-    g = torch.as_tensor(genes, dtype=torch.long)
-    return (sums[g] / counts[g].clamp(min=1)[:, None]).numpy()
 
 
 def finetune_genes(shard_dir: str | Path, out: str | Path, gene_labels: str | Path, opts: GeneTaskOptions,
@@ -735,7 +669,7 @@ def finetune_genes(shard_dir: str | Path, out: str | Path, gene_labels: str | Pa
                        extra_config={**shards.tokenization(), "task": "gene classification"}, gene_map=shards.gene_map)
         metrics["scored_genes"] = _write_gene_scores(model, tokens, seen, vocab, shards.symbols, classes,
                                                      dict(zip(genes, y)), tmp / "gene_scores.csv")
-        write_json(metrics, tmp / "metrics.json")
+        write_json(metrics, tmp / "metrics.json", indent=2)
     return metrics
 
 

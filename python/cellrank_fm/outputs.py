@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from cellrank_fm.errors import UserError
+from cellrank_fm.errors import UserError, write_json
 
 try:
     import fcntl
@@ -234,7 +234,7 @@ def claim(target: str | os.PathLike, *, enabled: bool = True) -> Iterator[Claim]
                 for p in target.iterdir():
                     remove(p)
             if isinstance(err, OSError):
-                raise _with_path(err, target)
+                _with_path(err, target)  # the same error, naming the output when it names no file
             raise
     finally:
         lock.release()
@@ -315,7 +315,7 @@ def partial_directory(out: str | os.PathLike, record: dict, *, resume: bool, ove
                 print(f"note: {out} has no interrupted run to resume; starting from scratch", file=sys.stderr)
             remove(work)
             work.mkdir(parents=True)
-            record_path.write_text(json.dumps(record, indent=1))
+            write_json(record, record_path)
         try:
             yield work, resuming
         except KeyboardInterrupt:

@@ -24,8 +24,7 @@ import torch
 
 from cellrank_fm.batching import MaskingSpec, pack_masked, token_budget_batches
 from cellrank_fm.checkpoint import is_model_dir, load_model_dir, read_config, save_model_dir
-from cellrank_fm.errors import UserError, warn
-from cellrank_fm.metrics import write_json
+from cellrank_fm.errors import UserError, warn, write_json
 from cellrank_fm.model import BertForMaskedLM, ModelConfig, preset_config
 from cellrank_fm.outputs import Claim, claim
 from cellrank_fm.shards import CACHE_TOKENS, ShardSet, check_vocabulary

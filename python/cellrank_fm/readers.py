@@ -694,7 +694,8 @@ class MtxReader(MatrixReader):
             if fresh and len(c):
                 last = int(c[-1])
             below = c < stop
-            got_c.append(c[below]); got_g.append(g[below]); got_v.append(v[below])
+            for got, values in ((got_c, c), (got_g, g), (got_v, v)):
+                got.append(values[below])
             if not below.all():
                 self._pending = [(c[~below], g[~below], v[~below])]
                 break

@@ -1,4 +1,11 @@
-"""Reading a token shard directory (manifest.json + part-NNNNN.parquet) in bounded memory.
+"""The token shard format, and reading a shard directory in bounded memory.
+
+A shard directory holds `manifest.json` (written last: a directory without one is not a
+finished shard set), `part-NNNNN.parquet` files, the tokenization's dictionaries
+(`vocabulary.json`, `medians.json`, `symbols.json`, `gene_map.json`) and, for a shard set
+restricted to a gene set, `gene_set.json` (the gene IDs kept). The names are defined here;
+`tokenize` writes them (the parts through the Rust writer, `rust/shard.rs`, which names them
+the same way) and everything else reads them through `ShardSet`.
 
 Opening a ShardSet reads the manifest and the `length` column of every part (4 bytes a
 cell); token lists are read a part at a time when asked for, and the most recently used parts
@@ -19,6 +26,17 @@ import numpy as np
 from cellrank_fm.errors import UserError
 
 FORMAT = "cellrank-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PART_GLOB = "part-*.parquet"  # finished parts
+TEMP_PART_GLOB = ".part-*"  # parts being written
+# The gene IDs a gene-set tokenization kept; model directories fine-tuned on it carry a copy.
+GENE_SET_FILE = "gene_set.json"
+
+
+def part_file(index: int) -> str:
+    """File name of part `index`."""
+    return f"part-{index:05d}.parquet"
 # Tokens of parts kept in memory: 2^27 tokens are 256 MB at 16 bits a token (V1 and V2
 # vocabularies fit in 16 bits), about one part of 65,536 cells of 2,048 genes.
 CACHE_TOKENS = 1 << 27
@@ -29,7 +47,7 @@ class ShardSet:
         self.path = Path(path)
         if not self.path.is_dir():
             raise UserError(f"shard directory {self.path} does not exist; make one with `cellrank tokenize`.")
-        manifest_path = self.path / "manifest.json"
+        manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
             raise UserError(
                 f"{self.path} holds no manifest.json, so it is not a shard directory; "
@@ -57,6 +75,14 @@ class ShardSet:
 
     def __len__(self) -> int:
         return int(self.part_starts[-1])
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        columns = ", ".join(self.manifest.get("metadata_columns") or []) or "none"
+        return (f"<cellrank shards {self.path}: {len(self):,} cells in {self.num_parts} part(s), "
+                f"{self.model_version} tokens, metadata columns: {columns}>")
 
     @property
     def num_parts(self) -> int:
@@ -111,6 +137,33 @@ class ShardSet:
         from cellrank_fm.genes import GENE_MAP_FILE
 
         return self._json(GENE_MAP_FILE, required=False)
+
+    @cached_property
+    def gene_set(self) -> list[str] | None:
+        """The gene IDs a gene-set tokenization kept (sorted), or None for all genes.
+
+        Read from the shard directory; shard sets written before it stored them re-resolve the
+        recorded gene-set file.
+        """
+        info = self.manifest.get("gene_set")
+        if not info:
+            return None
+        stored = self.path / GENE_SET_FILE
+        if stored.is_file():
+            from cellrank_fm.outputs import REMAKE_SHARDS, read_json
+
+            return sorted(read_json(stored, REMAKE_SHARDS))
+        from cellrank_fm.genes import load_gene_set, resolve_gene_set
+
+        source = Path(str(info.get("source", "")))
+        if not source.is_file():
+            raise UserError(
+                f"the shards were tokenized with the gene set {source}, which is gone; the model must "
+                f"record it so `predict` tokenizes new cells alike — restore the file."
+            )
+        column = (self.manifest.get("settings") or {}).get("genes_column")
+        ids, _ = resolve_gene_set(load_gene_set(source, column), None, self.vocabulary)
+        return sorted(ids)
 
     def tokenization(self) -> dict[str, Any]:
         """How these cells were tokenized, for a model directory's `config.json` ("cellrank" block):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from cellrank_fm.errors import UserError, atomic_path
+from cellrank_fm.errors import UserError, atomic_path, write_json
 
 SPECIAL_TOKENS = ("<pad>", "<mask>", "<cls>", "<eos>")
 
@@ -210,8 +210,7 @@ def content_sha256(mapping: Mapping[str, Any]) -> str:
 
 def save_json_mapping(mapping: Mapping[str, Any], path: str | Path) -> str:
     """Write the mapping as JSON atomically (insertion order kept); returns its content sha256."""
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(dict(mapping), indent=0, ensure_ascii=False))
+    write_json(dict(mapping), path, indent=0)
     return content_sha256(mapping)
 
 
