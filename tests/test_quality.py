@@ -3,16 +3,18 @@ the two simple baselines on the same split (`--baseline`: logistic regression on
 variable genes, and the token probe, a logistic regression on the model's own input tokens).
 
 Real data from `../shared/data/sc` (skipped when absent), cells cut to their top 512 genes
-as on a CPU, seed 0, no training flags besides the model (`--preset tiny`, from scratch).
-The bounds: within 0.02 of the token probe and 0.05 of LR on the 9 PBMC types of pbmc3k
-and the 4 OneK1K types split by donor; Kang stimulated vs control within 0.02 of LR.
-A few minutes on 2 cores; `benches/quality.py` runs the whole pipeline with pretraining.
+as on a CPU, fixed seeds, no training flags besides the model (`--preset tiny`, from scratch).
+The bounds: no more than 0.02 below the token probe and 0.05 below LR on the 9 PBMC types of
+pbmc3k (mean of three seeds) and the 4 OneK1K types split by donor; Kang stimulated vs control
+no more than 0.02 below LR. About ten minutes on 2 cores; `benches/quality.py` runs the whole
+pipeline with pretraining.
 """
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from cli_helpers import run
@@ -36,29 +38,43 @@ def tokenized(shared_data, tmp_path_factory):
     return tmp, tokenize
 
 
-TASKS = {
+TASKS = {  # shards, columns kept, extra finetune arguments
     "pbmc3k": ("pbmc3k_seurat_labels", "cell_type", []),
     "onek1k-by-donor": ("onek1k_subset_scdesignpop", "cell_type,donor", ["--split-by", "donor"]),
     "kang": ("kang2017_pbmc_ifnb_2k", "condition", []),
 }
 
 
-@pytest.mark.parametrize("task", list(TASKS))
-def test_default_finetuning_matches_the_baselines(tokenized, task, one_torch_thread):
+def finetune(tokenized, task: str, seed: int) -> tuple[float, float, float]:
+    """Default fine-tuning from scratch with `--baseline`: test macro-F1 of the model, LR and probe."""
     tmp, tokenize = tokenized
     name, keep, extra = TASKS[task]
-    out = tmp / f"clf-{task}"
+    out = tmp / f"clf-{task}-{seed}"
     run(["finetune", str(tokenize(name, keep)), "--label", keep.split(",")[0], "--preset", "tiny", "--out", str(out),
-         "--baseline", "--seed", "0", "-q", *extra])
+         "--baseline", "--seed", str(seed), "-q", *extra])
     m = json.loads((out / "metrics.json").read_text())
     f1, lr, probe = m["macro_f1"], m["baseline"]["macro_f1"], m["token_probe"]["macro_f1"]
-    print(f"{task}: cellrank {f1:.3f}, LR {lr:.3f}, token probe {probe:.3f}, {m['steps']} steps")
-    if task == "kang":
-        assert f1 >= lr - 0.02
-    else:
-        assert f1 >= probe - 0.02 and f1 >= lr - 0.05
+    print(f"{task}, seed {seed}: cellrank {f1:.3f}, LR {lr:.3f}, token probe {probe:.3f}, {m['steps']} steps")
     # The guardrail stays quiet when the model holds its own.
     assert f1 < max(lr, probe) - 0.05 or not m["warnings"]
+    return f1, lr, probe
+
+
+def test_pbmc3k_cell_types(tokenized, one_torch_thread):
+    # Nine types, two of them with 3 and 1 test cells (DC, platelets): one cell moves macro-F1 by
+    # up to 0.1, so the bound holds for the mean of three fixed seeds (each seed's split differs).
+    f1, lr, probe = np.mean([finetune(tokenized, "pbmc3k", seed) for seed in (0, 1, 2)], axis=0)
+    assert f1 >= probe - 0.02 and f1 >= lr - 0.05
+
+
+def test_onek1k_cell_types_split_by_donor(tokenized, one_torch_thread):
+    f1, lr, probe = finetune(tokenized, "onek1k-by-donor", 0)
+    assert f1 >= probe - 0.02 and f1 >= lr - 0.05
+
+
+def test_kang_stimulated_vs_control(tokenized, one_torch_thread):
+    f1, lr, _ = finetune(tokenized, "kang", 0)
+    assert f1 >= lr - 0.02
 
 
 def test_guardrail_warns_when_the_model_loses(tokenized, capsys):
