@@ -6,13 +6,17 @@ Real data from `../shared/data/sc` (skipped when absent), cells cut to their top
 as on a CPU, fixed seeds, no training flags besides the model (`--preset tiny`, from scratch).
 The bounds: no more than 0.02 below the token probe and 0.05 below LR on the 9 PBMC types of
 pbmc3k (mean of three seeds) and the 4 OneK1K types split by donor; Kang stimulated vs control
-no more than 0.02 below LR. About ten minutes on 2 cores; `benches/quality.py` runs the whole
+no more than 0.02 below LR. About ten minutes on 2 cores (the fine-tuning runs go two at a time); `benches/quality.py` runs the whole
 pipeline with pretraining.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -45,35 +49,51 @@ TASKS = {  # shards, columns kept, extra finetune arguments
 }
 
 
-def finetune(tokenized, task: str, seed: int) -> tuple[float, float, float]:
-    """Default fine-tuning from scratch with `--baseline`: test macro-F1 of the model, LR and probe."""
+RUNS = [("pbmc3k", 0), ("pbmc3k", 1), ("pbmc3k", 2), ("onek1k-by-donor", 0), ("kang", 0)]
+
+
+@pytest.fixture(scope="module")
+def finetuned(tokenized) -> dict:
+    """Every default fine-tuning run from scratch with `--baseline`, two at a time (one thread
+    each, as the machine has two cores): {(task, seed): (model, LR, token probe) macro-F1}."""
     tmp, tokenize = tokenized
-    name, keep, extra = TASKS[task]
-    out = tmp / f"clf-{task}-{seed}"
-    run(["finetune", str(tokenize(name, keep)), "--label", keep.split(",")[0], "--preset", "tiny", "--out", str(out),
-         "--baseline", "--seed", str(seed), "-q", *extra])
-    m = json.loads((out / "metrics.json").read_text())
-    f1, lr, probe = m["macro_f1"], m["baseline"]["macro_f1"], m["token_probe"]["macro_f1"]
-    print(f"{task}, seed {seed}: cellrank {f1:.3f}, LR {lr:.3f}, token probe {probe:.3f}, {m['steps']} steps")
-    # The guardrail stays quiet when the model holds its own.
-    assert f1 < max(lr, probe) - 0.05 or not m["warnings"]
-    return f1, lr, probe
+    for name, keep, _ in TASKS.values():
+        tokenize(name, keep)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def one(task: str, seed: int) -> tuple[float, float, float]:
+        name, keep, extra = TASKS[task]
+        out = tmp / f"clf-{task}-{seed}"
+        cmd = [sys.executable, "-m", "cellrank_fm", "finetune", str(tmp / name), "--label", keep.split(",")[0],
+               "--preset", "tiny", "--out", str(out), "--baseline", "--seed", str(seed), "-q", *extra]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+        m = json.loads((out / "metrics.json").read_text())
+        f1, lr, probe = m["macro_f1"], m["baseline"]["macro_f1"], m["token_probe"]["macro_f1"]
+        print(f"{task}, seed {seed}: cellrank {f1:.3f}, LR {lr:.3f}, token probe {probe:.3f}, {m['steps']} steps")
+        # The guardrail stays quiet when the model holds its own.
+        assert f1 < max(lr, probe) - 0.05 or not m["warnings"]
+        return f1, lr, probe
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {run: pool.submit(one, *run) for run in RUNS}
+        return {run: f.result() for run, f in futures.items()}
 
 
-def test_pbmc3k_cell_types(tokenized, one_torch_thread):
+def test_pbmc3k_cell_types(finetuned):
     # Nine types, two of them with 3 and 1 test cells (DC, platelets): one cell moves macro-F1 by
     # up to 0.1, so the bound holds for the mean of three fixed seeds (each seed's split differs).
-    f1, lr, probe = np.mean([finetune(tokenized, "pbmc3k", seed) for seed in (0, 1, 2)], axis=0)
+    f1, lr, probe = np.mean([finetuned["pbmc3k", seed] for seed in (0, 1, 2)], axis=0)
     assert f1 >= probe - 0.02 and f1 >= lr - 0.05
 
 
-def test_onek1k_cell_types_split_by_donor(tokenized, one_torch_thread):
-    f1, lr, probe = finetune(tokenized, "onek1k-by-donor", 0)
+def test_onek1k_cell_types_split_by_donor(finetuned):
+    f1, lr, probe = finetuned["onek1k-by-donor", 0]
     assert f1 >= probe - 0.02 and f1 >= lr - 0.05
 
 
-def test_kang_stimulated_vs_control(tokenized, one_torch_thread):
-    f1, lr, _ = finetune(tokenized, "kang", 0)
+def test_kang_stimulated_vs_control(finetuned):
+    f1, lr, _ = finetuned["kang", 0]
     assert f1 >= lr - 0.02
 
 
