@@ -9,6 +9,7 @@ import typer
 from typing_extensions import Annotated
 
 from cellrank_fm.cli.app import app
+from cellrank_fm.cli.genesets import SETS, GeneSetFiles, GeneSetLevel, MinSetSize, split_names
 
 CELLS = "Cells"
 METHOD = "Method"
@@ -42,6 +43,10 @@ def explain_cmd(
     classes: Annotated[Optional[str], typer.Option("--classes", metavar="A,B", help="Only cells of these classes.", rich_help_panel=CELLS)] = None,
     all_classes: Annotated[bool, typer.Option("--all-classes", help="Also explain every other class's logit for each cell.", rich_help_panel=CELLS)] = False,
     per_class: Annotated[Optional[int], typer.Option("--per-class", metavar="N", help="Explain N cells per class, sampled with --seed (default: all cells).", rich_help_panel=CELLS)] = None,
+    value: Annotated[str, typer.Option("--value", help="The game's value: logit (the class logit) or contrast (the class logit minus the mean of the other classes' logits; cancels genes that raise every class).", rich_help_panel=METHOD)] = "logit",
+    gene_sets: GeneSetFiles = None,
+    gene_set_level: GeneSetLevel = None,
+    min_set_size: MinSetSize = 5,
     seed: Seed = 0,
     top: Annotated[int, typer.Option("--top", help="Genes per class in the plots.", rich_help_panel=OUT)] = 20,
     device: Device = "auto",
@@ -56,6 +61,8 @@ def explain_cmd(
     gene_symbol, rank, shap_value, shap_stderr), cells.parquet (logit, base, additivity gap),
     gene_importance.parquet/.csv (per class: mean |SHAP| with absent genes as 0, signed mean,
     fraction expressing, mean over expressing cells) and PNGs (top genes, beeswarm, heatmap).
+    With --gene-sets, pathway SHAP too (sets as players; genes in no set always present) and
+    pathway_importance.parquet/.csv with p-values of the sets' gene values against random sets.
 
     Example: cellrank explain model/ pbmc.h5ad --out shap/ --label condition --per-class 50
     """
@@ -73,21 +80,43 @@ def explain_cmd(
         raise UserError("--permutations and --samples must be at least 1.")
     lm = load_classifier(model_dir, device)
     wanted = _split_list(classes)
-    evaluator = Evaluator(lm.model, lm.info, tokens_per_batch)
+    evaluator = Evaluator(lm.model, lm.info, tokens_per_batch, value=value)
     if wanted:
         from cellrank_fm.explain import class_indices
 
         class_indices(evaluator.labels, wanted, "--classes value")
-    cells = load_cells(input, lm)
     symbols = {**input_symbols(input, lm.gene_id_column), **(lm.info.symbols or {})}
+    sets = _gene_sets(lm, gene_sets, gene_set_level, min_set_size, None, symbols, quiet)
+    cells = load_cells(input, lm)
     result = explain(evaluator, cells, method=method, symbols=symbols, label_column=label, classes=wanted, all_classes=all_classes,
-                     per_class=per_class, npermutations=permutations, nsamples=samples, seed=seed, quiet=quiet)
+                     per_class=per_class, npermutations=permutations, nsamples=samples, seed=seed, gene_sets=sets,
+                     quiet=quiet)
     result.settings.update(model=str(model_dir), input=str(input))
     write_outputs(result, out, top=top)
     if not quiet:
         console = Console()
         console.print(summary_table(result))
+        if result.pathways is not None:
+            from cellrank_fm.pathways import summary_table as pathway_table
+
+            console.print(pathway_table(result.pathways))
         console.print(f"{evaluator.evaluations:,} model evaluations; results in {out}/")
+
+
+def _gene_sets(lm, files, level, min_size, names, symbols, quiet):
+    """The --gene-sets resolved against the model, their coverage printed; None without files."""
+    if not files:
+        if names is not None or level is not None:
+            from cellrank_fm.errors import UserError
+
+            raise UserError("--sets and --gene-set-level need --gene-sets FILE.")
+        return None
+    from cellrank_fm.genesets import gene_sets_for_model, report
+
+    sets = gene_sets_for_model(lm, files, level=level, min_size=min_size, names=names, extra_symbols=symbols)
+    if not quiet:
+        report(sets)
+    return sets
 
 
 @app.command("perturb", rich_help_panel="Explain")
@@ -104,6 +133,10 @@ def perturb_cmd(
     mode: Annotated[str, typer.Option("--mode", help="delete (remove the gene) or overexpress (move it to rank 1).", rich_help_panel=METHOD)] = "delete",
     layer: Annotated[int, typer.Option("--layer", help="Hidden layer for cell embeddings (-1 last, -2 second last).", rich_help_panel=METHOD)] = -1,
     null_genes: Annotated[int, typer.Option("--null-genes", help="With a gene list: random expressed genes (or sets) perturbed as the null.", rich_help_panel=METHOD)] = 50,
+    gene_sets: GeneSetFiles = None,
+    gene_set_level: GeneSetLevel = None,
+    min_set_size: MinSetSize = 5,
+    sets: Annotated[Optional[str], typer.Option("--sets", metavar="all|NAME,...", help="With --gene-sets: perturb each of these whole sets (default all), against random expressed-gene sets of the same size.", rich_help_panel=SETS)] = None,
     max_cells: Annotated[Optional[int], typer.Option("--max-cells", help="Perturb at most this many start cells (sampled with --seed).", rich_help_panel=CELLS)] = None,
     seed: Seed = 0,
     device: Device = "auto",
@@ -135,6 +168,10 @@ def perturb_cmd(
     lm.info.symbols = {**input_symbols(input, lm.gene_id_column), **(lm.info.symbols or {})}
     evaluator = Evaluator(lm.model, lm.info, tokens_per_batch)
     gene_ids = None
+    set_names = split_names(sets)
+    if gene_sets and (genes.strip().lower() != "all" or as_set):
+        raise UserError("give either --gene-sets (whole pathways) or --genes, not both.")
+    chosen = _gene_sets(lm, gene_sets, gene_set_level, min_set_size, set_names, lm.info.symbols, quiet)
     if genes.strip().lower() != "all":
         names = _split_list(genes)
         if not names:
@@ -145,7 +182,7 @@ def perturb_cmd(
     cells = load_cells(input, lm)
     result = perturb(evaluator, cells, state_column=state_column, start_state=start_state, goal_state=goal_state,
                      alt_states=_split_list(alt_states) or [], genes=gene_ids, as_set=as_set, mode=mode, layer=layer,
-                     max_cells=max_cells, null_genes=null_genes, seed=seed, quiet=quiet)
+                     max_cells=max_cells, null_genes=null_genes, gene_sets=chosen, seed=seed, quiet=quiet)
     result.settings.update(model=str(model_dir), input=str(input))
     write_outputs(result, out)
     if not quiet:
