@@ -125,6 +125,68 @@ impl<'a, P: Index, I: Index, V: Count> Csr<'a, P, I, V> {
     }
 }
 
+/// Where a CSR chunk read from a file is malformed: the chunk row and what is wrong there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StructureError {
+    pub row: usize,
+    pub problem: String,
+}
+
+/// Checks everything a reader's chunk must satisfy before any value is used: `indptr` is
+/// non-empty, starts at or above 0 and never decreases; it spans exactly the `indices.len()`
+/// column indices and `n_data` values the chunk holds; every column index is in `0..n_cols`.
+/// Corrupt files break these, and every later step (shares of counts, totals, ranking)
+/// indexes by them. The column scan is one vectorised pass over all indices; only a chunk
+/// that fails it is scanned row by row, to name the first bad row.
+pub fn check_structure<P: Index, I: Index>(
+    indptr: &[P],
+    indices: &[I],
+    n_data: usize,
+    n_cols: usize,
+) -> Result<(), StructureError> {
+    let fail = |row: usize, problem: String| Err(StructureError { row, problem });
+    let Some(first) = indptr.first() else {
+        return fail(0, "the row pointer (indptr) is empty".into());
+    };
+    let base = first.to_i64();
+    if base < 0 {
+        return fail(0, format!("the row pointer (indptr) starts at {base}"));
+    }
+    let mut prev = base;
+    for (r, p) in indptr.iter().enumerate().skip(1) {
+        let p = p.to_i64();
+        if p < prev {
+            return fail(r - 1, format!("the row pointer (indptr) decreases from {prev} to {p}"));
+        }
+        prev = p;
+    }
+    let rows = indptr.len() - 1;
+    let nnz = (prev - base) as u64;
+    if indices.len() as u64 != nnz || n_data as u64 != nnz {
+        return fail(
+            rows.saturating_sub(1),
+            format!(
+                "the row pointer (indptr) spans {nnz} stored values but there are {} column indices and {n_data} values",
+                indices.len()
+            ),
+        );
+    }
+    // As u64 a negative index is huge, so one unsigned comparison catches both ends; the
+    // branch-free OR reduction vectorises.
+    let n = n_cols as u64;
+    if !indices.iter().fold(false, |outside, c| outside | (c.to_i64() as u64 >= n)) {
+        return Ok(());
+    }
+    for r in 0..rows {
+        let a = (indptr[r].to_i64() - base) as usize;
+        let b = (indptr[r + 1].to_i64() - base) as usize;
+        if let Some(c) = indices[a..b].iter().map(|c| c.to_i64()).find(|&c| c < 0 || c as u64 >= n_cols as u64) {
+            return fail(r, format!("column index {c} is outside the {n_cols} genes"));
+        }
+    }
+    unreachable!("an index outside 0..n_cols lies in some row")
+}
+
 /// Scans a column → id map (`-1` = skip) once: the number of ids it needs room for and whether
 /// two columns share an id (only then do rows need the slower summing path).
 pub struct ColumnMap<'a> {
@@ -337,6 +399,30 @@ mod tests {
         let csr = Csr { indptr: &[5i32, 6, 8], indices: &[0i32, 1, 0], data: &[1u16, 2, 3], n_cols: 2 };
         csr.validate().unwrap();
         assert_eq!(csr.row(1), (&[1i32, 0][..], &[2u16, 3][..]));
+    }
+
+    #[test]
+    fn structure_check_names_the_first_bad_row() {
+        let ok = check_structure(&[3i64, 5, 5, 7], &[0i32, 2, 1, 1], 4, 3);
+        assert_eq!(ok, Ok(()));
+        assert_eq!(check_structure::<i64, i32>(&[0], &[], 0, 0), Ok(()));
+        let err = |indptr: &[i64], indices: &[i32], n_data: usize, n_cols: usize| {
+            let e = check_structure(indptr, indices, n_data, n_cols).unwrap_err();
+            (e.row, e.problem)
+        };
+        let (row, msg) = err(&[0, 2, 1, 3], &[0, 1, 0], 3, 2);
+        assert_eq!(row, 1);
+        assert!(msg.contains("decreases from 2 to 1"), "{msg}");
+        assert!(err(&[], &[], 0, 2).1.contains("empty"));
+        assert!(err(&[-1, 0], &[], 0, 2).1.contains("starts at -1"));
+        let (_, msg) = err(&[0, 2, 4], &[0, 1, 0], 3, 2);
+        assert!(msg.contains("spans 4 stored values but there are 3 column indices and 3 values"), "{msg}");
+        assert!(err(&[0, 1], &[0], 2, 2).1.contains("and 2 values"));
+        // The first row holding an index outside 0..n_cols, whichever end it is out at.
+        assert_eq!(err(&[0, 1, 3, 4], &[0, 1, 5, 1], 4, 5), (1, "column index 5 is outside the 5 genes".to_string()));
+        assert_eq!(err(&[10, 11, 12], &[1, -2], 2, 5).0, 1);
+        let big = [0i64, 1, 2];
+        assert_eq!(check_structure(&big, &[0i64, i64::MAX], 2, 3).unwrap_err().row, 1);
     }
 
     #[test]

@@ -99,13 +99,42 @@ pub enum TokenSlice<'a> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ShardError {
     Invalid(String),
-    Io(String),
+    Io(IoFailure),
+}
+
+/// A failed file operation: what was being done, and the OS error number when there is one,
+/// so callers can say why (a full disk reads differently from a read-only one).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IoFailure {
+    pub message: String,
+    pub errno: Option<i32>,
+}
+
+impl IoFailure {
+    /// `message` plus the OS error found anywhere in `err`'s chain of sources.
+    fn new(message: String, err: &(dyn std::error::Error + 'static)) -> Self {
+        let mut cur = Some(err);
+        let mut errno = None;
+        while let Some(e) = cur {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                errno = io.raw_os_error();
+                break;
+            }
+            cur = e.source();
+        }
+        IoFailure { message, errno }
+    }
+
+    fn plain(message: &str) -> Self {
+        IoFailure { message: message.to_string(), errno: None }
+    }
 }
 
 impl std::fmt::Display for ShardError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ShardError::Invalid(m) | ShardError::Io(m) => f.write_str(m),
+            ShardError::Invalid(m) => f.write_str(m),
+            ShardError::Io(e) => f.write_str(&e.message),
         }
     }
 }
@@ -159,8 +188,8 @@ pub struct ShardWriter {
     token_type: TokenType,
     meta_schema: Vec<(String, MetaKind)>,
     tx: Option<SyncSender<Msg>>,
-    thread: Option<JoinHandle<Result<BTreeMap<u32, u64>, String>>>,
-    error: Arc<Mutex<Option<String>>>,
+    thread: Option<JoinHandle<Result<BTreeMap<u32, u64>, IoFailure>>>,
+    error: Arc<Mutex<Option<IoFailure>>>,
     open_part: Option<u32>,
     begun: std::collections::BTreeSet<u32>,
 }
@@ -200,7 +229,8 @@ impl ShardWriter {
             fields.push(Field::new(name, dt, nullable));
         }
         let schema: SchemaRef = Arc::new(Schema::new(fields));
-        fs::create_dir_all(out_dir).map_err(|e| ShardError::Io(format!("cannot create {}: {e}", out_dir.display())))?;
+        fs::create_dir_all(out_dir)
+            .map_err(|e| ShardError::Io(IoFailure::new(format!("cannot create {}: {e}", out_dir.display()), &e)))?;
         let mut props = WriterProperties::builder().set_compression(Compression::ZSTD(level)).build();
         add_encoded_arrow_schema_to_metadata(&schema, &mut props);
         let layout = Layout {
@@ -225,7 +255,7 @@ impl ShardWriter {
                     }
                     result
                 })
-                .map_err(|e| ShardError::Io(format!("cannot start the shard writer thread: {e}")))?
+                .map_err(|e| ShardError::Io(IoFailure::new(format!("cannot start the shard writer thread: {e}"), &e)))?
         };
         Ok(ShardWriter {
             token_type,
@@ -255,7 +285,7 @@ impl ShardWriter {
                 let _ = t.join();
             }
             self.check()?;
-            return Err(ShardError::Io("the shard writer thread stopped unexpectedly".into()));
+            return Err(ShardError::Io(IoFailure::plain("the shard writer thread stopped unexpectedly")));
         }
         Ok(())
     }
@@ -378,7 +408,7 @@ impl ShardWriter {
         let result = match self.thread.take() {
             Some(t) => t
                 .join()
-                .map_err(|_| ShardError::Io("the shard writer thread panicked".into()))?
+                .map_err(|_| ShardError::Io(IoFailure::plain("the shard writer thread panicked")))?
                 .map_err(ShardError::Io),
             None => {
                 self.check()?;
@@ -467,7 +497,7 @@ impl OpenPart {
 
 /// Runs on the writer thread until the channel closes. Closing with a part still open (abort,
 /// drop, or `finish` without `end_part`) and any error remove that part's temporary file.
-fn writer_loop(dir: &Path, layout: &Layout, rx: Receiver<Msg>) -> Result<BTreeMap<u32, u64>, String> {
+fn writer_loop(dir: &Path, layout: &Layout, rx: Receiver<Msg>) -> Result<BTreeMap<u32, u64>, IoFailure> {
     let mut done = BTreeMap::new();
     let mut open: Option<OpenPart> = None;
     let result = (|| {
@@ -475,25 +505,26 @@ fn writer_loop(dir: &Path, layout: &Layout, rx: Receiver<Msg>) -> Result<BTreeMa
             match msg {
                 Msg::Begin(index) => {
                     let temp = dir.join(temp_name(index));
-                    let file = File::create(&temp).map_err(|e| format!("cannot create {}: {e}", temp.display()))?;
+                    let file = File::create(&temp).map_err(|e| IoFailure::new(format!("cannot create {}: {e}", temp.display()), &e))?;
                     let writer = SerializedFileWriter::new(file, layout.parquet.root_schema_ptr(), layout.props.clone())
-                        .map_err(|e| format!("cannot start {}: {e}", temp.display()))?;
+                        .map_err(|e| IoFailure::new(format!("cannot start {}: {e}", temp.display()), &e))?;
                     let columns = ArrowRowGroupWriterFactory::new(&writer, layout.arrow.clone());
                     open = Some(OpenPart { index, temp, writer, columns, row_groups: 0, rows: 0 });
                 }
                 Msg::Batch(batch) => {
                     let part = open.as_mut().expect("write checks that a part is open");
-                    part.write(layout, batch).map_err(|e| format!("cannot write {}: {e}", part.temp.display()))?;
+                    part.write(layout, batch).map_err(|e| IoFailure::new(format!("cannot write {}: {e}", part.temp.display()), &e))?;
                 }
                 Msg::End => {
                     let part = open.take().expect("end_part checks that a part is open");
                     let temp = part.temp.clone();
-                    let publish = || -> Result<(), String> {
-                        let file = part.writer.into_inner().map_err(|e| format!("cannot finish {}: {e}", temp.display()))?;
-                        file.sync_all().map_err(|e| format!("cannot sync {}: {e}", temp.display()))?;
+                    let publish = || -> Result<(), IoFailure> {
+                        let file = part.writer.into_inner().map_err(|e| IoFailure::new(format!("cannot finish {}: {e}", temp.display()), &e))?;
+                        file.sync_all().map_err(|e| IoFailure::new(format!("cannot sync {}: {e}", temp.display()), &e))?;
                         release_cache(&file);
                         let fin = dir.join(part_name(part.index));
-                        fs::rename(&temp, &fin).map_err(|e| format!("cannot rename {} to {}: {e}", temp.display(), fin.display()))
+                        fs::rename(&temp, &fin)
+                            .map_err(|e| IoFailure::new(format!("cannot rename {} to {}: {e}", temp.display(), fin.display()), &e))
                     };
                     if let Err(e) = publish() {
                         let _ = fs::remove_file(&temp);
@@ -662,7 +693,13 @@ mod tests {
             }
         }
         let err = err.unwrap();
-        assert!(matches!(err, ShardError::Io(_)) && err.contains("cannot create"), "{err}");
+        assert!(err.contains("cannot create"), "{err}");
+        // The OS error number travels with it, so the caller can say why (here: no such directory).
+        assert!(matches!(err, ShardError::Io(IoFailure { errno: Some(2), .. })), "{err:?}");
         assert!(w.finish().unwrap_err().contains("cannot create"));
+        let Err(err) = ShardWriter::new(&Path::new("/proc/version").join("x"), TokenType::U32, vec![], 1) else {
+            panic!("a directory inside a file cannot be created");
+        };
+        assert!(matches!(err, ShardError::Io(IoFailure { errno: Some(e), .. }) if e != 0), "{err:?}");
     }
 }

@@ -10,15 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellrank_fm.explain import (
-    Evaluator,
-    coalition_sequences,
-    explain,
-    load_cells,
-    load_classifier,
-    permutation_values,
-    top_genes,
-)
+from cellrank_fm.explain import Evaluator, coalition_sequences, explain_cells, permutation_values, top_genes
+from cellrank_fm.inference import load_cells, load_model
 from cellrank_fm.simulate import planted, simulate_corpus
 
 
@@ -45,7 +38,7 @@ def state_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(state_model):
     h5ad, model_dir, adata, _ = state_model
-    lm = load_classifier(model_dir, "cpu")
+    lm = load_model(model_dir, device="cpu")
     return lm, load_cells(h5ad, lm), adata
 
 
@@ -99,7 +92,7 @@ def test_top_genes_are_planted_markers_for_both_methods(loaded):
     # noisy, so here it must only be strongly enriched (chance: 1 in 10); the slow test below
     # checks the acceptance figure (≥ 9 of 10 for both methods) with 20 cells × 4 permutations.
     for method, per_class, need in [("gradient", 6, 9), ("permutation", 4, 6)]:
-        res = explain(ev, cells, method=method, label_column="cell_state", per_class=per_class,
+        res = explain_cells(ev, cells, method=method, label_column="cell_state", per_class=per_class,
                       npermutations=2, nsamples=32, seed=0, quiet=True)
         for cls in lm.info.labels:
             top = top_genes(res.importance, cls, 10)
@@ -169,7 +162,7 @@ def test_marker_recovery_and_method_agreement_at_scale(loaded):
     lm, cells, adata = loaded
     truth = planted(adata)
     ev = Evaluator(lm.model, lm.info)
-    res = {m: explain(ev, cells, method=m, label_column="cell_state", per_class=20, npermutations=4,
+    res = {m: explain_cells(ev, cells, method=m, label_column="cell_state", per_class=20, npermutations=4,
                       nsamples=64, seed=0, quiet=True) for m in ("permutation", "gradient")}
     for cls in lm.info.labels:
         for m, r in res.items():

@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellrank_fm.explain import Evaluator, load_cells, load_classifier
-from cellrank_fm.perturb import _perturbed, perturb, resolve_genes
+from cellrank_fm.explain import Evaluator
+from cellrank_fm.inference import load_cells, load_model
+from cellrank_fm.perturb import _perturbed, perturb_cells, resolve_genes
 from cellrank_fm.simulate import planted
 
 from test_explain import _cli, finetuned_on_simulation
@@ -16,7 +17,7 @@ from test_explain import _cli, finetuned_on_simulation
 @pytest.fixture(scope="module")
 def condition_model(tmp_path_factory):
     h5ad, model_dir, adata, metrics = finetuned_on_simulation(tmp_path_factory.mktemp("perturb"), "condition", epochs=6.0, seed=1)
-    lm = load_classifier(model_dir, "cpu")
+    lm = load_model(model_dir, device="cpu")
     return h5ad, model_dir, adata, metrics, lm, load_cells(h5ad, lm)
 
 
@@ -36,14 +37,14 @@ def test_deleting_drivers_moves_disease_cells_to_healthy_and_random_genes_do_not
     ev = Evaluator(lm.model, lm.info)
     kw = dict(state_column="condition", start_state="disease", goal_state="healthy", max_cells=40,
               null_genes=30, seed=0, quiet=True)
-    drivers = perturb(ev, cells, genes=truth["drivers"], as_set=True, **kw).genes.iloc[0]
+    drivers = perturb_cells(ev, cells, genes=truth["drivers"], as_set=True, **kw).genes.iloc[0]
     assert drivers["n_cells"] == 40 and drivers["fdr"] < 0.05
     assert drivers["mean_shift_goal"] > 0.1 > abs(drivers["null_mean_shift_goal"])
     planted_genes = set(truth["drivers"]).union(*map(set, truth["markers"].values()))
     background = [g for g in adata.var_names if g not in planted_genes]
     rng = np.random.default_rng(3)
     random_set = rng.choice(background, size=len(truth["drivers"]), replace=False).tolist()
-    control = perturb(ev, cells, genes=random_set, as_set=True, **kw).genes.iloc[0]
+    control = perturb_cells(ev, cells, genes=random_set, as_set=True, **kw).genes.iloc[0]
     # Random genes do not move cells toward healthy: no shift, and not above the null (whose
     # random sets, in this 200-gene world, often contain a driver).
     assert abs(control["mean_shift_goal"]) < 0.01

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 import torch
 
 from cellrank_fm.checkpoint import save_model_dir
-from cellrank_fm.finetune import predict_tokens
+from cellrank_fm.inference import predict_tokens
 from cellrank_fm.model import BertForMaskedLM, BertForSequenceClassification, preset_config
 from cellrank_fm.simulate import simulate_corpus
 from cellrank_fm.tokenize import tokenize_in_memory

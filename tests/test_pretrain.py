@@ -37,7 +37,7 @@ def test_pretraining_learns_masked_genes(pbmc_shards, tmp_path, capsys):
         "--tokens-per-batch", "2048", "--lr", "3e-3", "--val-fraction", "0.1", "--seed", "0", "--quiet",
     ])
     assert code in (0, None)
-    evals = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [e for e in evals if e["split"] == "val"]
     first, last = evals[0], evals[-1]
     assert first["step"] == 0 and last["step"] == 200

@@ -3,8 +3,9 @@
 Every ```bash and ```python block of README.md runs, top to bottom, in one scratch directory
 where the README's file names point at `../shared/data` (`pbmc.h5ad` is the Kang 2017 PBMCs,
 `gf/` Geneformer's dictionaries, ...). To keep the run to minutes on a CPU, a few options are
-rewritten (see FASTER): models become the tiny preset, training runs a few steps, cells are cut
-to their top 64 genes, SHAP and perturbation take a few cells. Nothing else is changed.
+rewritten (see FASTER; options and the Python API's keyword arguments alike): models become the
+tiny preset, training runs a few steps, cells are cut to their top 64 genes, SHAP and
+perturbation take a few cells. Nothing else is changed.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ FASTER = [
     (r"--folds \d+", "--folds 2"),
     (r"--nproc_per_node \d+", "--nproc_per_node 2"),
     (r"(cellrank tokenize )", r"\1--model-input-size 64 "),
+    # the same for the Python API's keyword arguments
+    (r"per_class=\d+", "per_class=2"),
+    (r"max_cells=\d+", "max_cells=6"),
+    (r"epochs=\d+", "epochs=1"),
+    (r"keep_obs=", "model_input_size=64, keep_obs="),
 ]
 
 
@@ -115,3 +121,7 @@ def test_readme_commands_run(shared_data, tmp_path):
     assert (work / "shap" / "gene_importance.csv").is_file()
     assert (work / "perturb" / "genes.csv").is_file()
     assert (work / "umap.png").stat().st_size > 1000
+    # The Python API session: an in-memory AnnData tokenized, a classifier, SHAP files.
+    assert json.loads((work / "pbmc_api_shards" / "manifest.json").read_text())["inputs"][0]["in_memory"]
+    assert (work / "api_classifier" / "labels.json").is_file()
+    assert (work / "shap_api" / "gene_importance.csv").is_file()

@@ -148,7 +148,9 @@ def test_filter_pass_n_counts_keep_obs_and_gene_set(tmp_path):
 
 
 def test_resume_skips_completed_parts_and_refuses_changed_settings(small, tmp_path, monkeypatch):
-    import cellrank_fm.tokenize as tokenize
+    import importlib
+
+    tokenize = importlib.import_module("cellrank_fm.tokenize")  # `cellrank_fm.tokenize` is the API function
 
     path, dense, labels = small
     dicts = Dictionaries(VOCAB, _medians())

@@ -74,8 +74,8 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
     fresh = _model().state_dict()
     assert not torch.equal(a["bert.embeddings.LayerNorm.weight"], fresh["bert.embeddings.LayerNorm.weight"])
-    steps = [json.loads(l)["step"] for l in (tmp_path / "broken" / "metrics.jsonl").read_text().splitlines()
-             if json.loads(l)["split"] == "train"]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "broken" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["split"] == "train"]
     assert steps == list(range(1, 13))  # the crashed run's records after step 5 were dropped
 
 

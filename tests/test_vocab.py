@@ -68,8 +68,10 @@ def test_bad_tables_are_user_errors(tmp_path):
     (tmp_path / "neg.json").write_text('{"A": -1}')
     with pytest.raises(UserError, match="not a token id"):
         load_vocabulary(tmp_path / "neg.json")
-    (tmp_path / "m.json").write_text('{"A": 0, "B": 1.5}')
-    assert load_medians(tmp_path / "m.json") == {"B": 1.5}  # a zero median cannot normalise
+    # A gene with an unusable median would silently drop out of every cell: the file is refused.
+    (tmp_path / "m.json").write_text('{"A": 0, "B": 1.5, "C": -2, "D": NaN}')
+    with pytest.raises(UserError, match=r"gives 3 of 4 genes a zero, negative or missing median \(e.g. 'A': 0\)"):
+        load_medians(tmp_path / "m.json")
     (tmp_path / "x.txt").write_text("{}")
     with pytest.raises(UserError, match="unknown format"):
         load_vocabulary(tmp_path / "x.txt")

@@ -20,6 +20,14 @@ CountArray = (
     | npt.NDArray[np.uint32]
 )
 
+def check_csr(indptr: IntArray, indices: IntArray, n_data: int, n_cols: int) -> tuple[int, str] | None:
+    """``None`` when a CSR row chunk is well formed, else ``(row, problem)`` for its first bad row.
+
+    Well formed: ``indptr`` non-empty, starting at or above 0 and never decreasing, spanning
+    exactly ``len(indices)`` column indices and ``n_data`` values, every index in
+    ``0 .. n_cols``. Releases the GIL.
+    """
+
 def tokenize_csr(
     indptr: IntArray,
     indices: IntArray,

@@ -121,13 +121,12 @@ def table_from_shards(shard_dir: str | Path) -> CellTable:
 
 def _tokenizer_genes(shards) -> Callable:
     """Per-column gene IDs as the tokenizer resolved them (None for columns it did not use)."""
-    from cellrank_fm.finetune import gene_set_ids
     from cellrank_fm.genes import GENE_MAP_FILE, GeneMapping
     from cellrank_fm.tokenize import Dictionaries, plan_for
 
     m = shards.manifest
     mapping = GeneMapping.from_table(shards.gene_map, str(shards.path / GENE_MAP_FILE)) if shards.gene_map else None
-    gene_set = gene_set_ids(shards)
+    gene_set = shards.gene_set
     dicts = Dictionaries(shards.vocabulary, shards.medians, mapping=mapping,
                          gene_set=set(gene_set) if gene_set is not None else None)
     gene_id_column = (m.get("settings") or {}).get("gene_id_column")
@@ -143,6 +142,11 @@ def _resolve_source(source: str, shard_dir: Path, manifest: dict) -> Path:
     candidates = [Path(source)]
     for rec in manifest.get("inputs", []):
         p = Path(str(rec.get("path", "")))
+        if rec.get("in_memory") and p.name == source:
+            raise UserError(
+                "the shards were tokenized from an AnnData held in memory, so the baseline cannot read its "
+                "counts back; write it to .h5ad and pass that file to the baseline."
+            )
         if p.name == Path(source).name:
             candidates.append(p)
     candidates.append(shard_dir / source)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from cellrank_fm.errors import UserError, atomic_path
+from cellrank_fm.errors import UserError, atomic_path, write_json
 from cellrank_fm.genes import GENE_MAP_FILE
 from cellrank_fm.model import ARCHITECTURES, BertForMaskedLM, ModelConfig, _Base
 
@@ -44,11 +44,6 @@ class ModelDirInfo:
     symbols: dict[str, str] | None = None
     labels: list[str] | None = None
     gene_map: dict[str, str] | None = None
-
-
-def write_json(path: Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
 def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -84,16 +79,16 @@ def save_model_dir(
     with atomic_path(out / WEIGHTS) as tmp:
         save_file(state_dict_for_saving(model), str(tmp), metadata={"format": "pt"})
     if vocabulary is not None:
-        write_json(out / "vocabulary.json", vocabulary)
+        write_json(vocabulary, out / "vocabulary.json")
     if medians is not None:
-        write_json(out / "medians.json", medians)
+        write_json(medians, out / "medians.json")
     if symbols is not None:
-        write_json(out / "symbols.json", symbols)
+        write_json(symbols, out / "symbols.json")
     if labels is not None:
-        write_json(out / "labels.json", list(labels))
+        write_json(list(labels), out / "labels.json")
     if gene_map:
-        write_json(out / GENE_MAP_FILE, gene_map)
-    write_json(out / CONFIG, config)  # last: a directory with config.json is complete
+        write_json(gene_map, out / GENE_MAP_FILE)
+    write_json(config, out / CONFIG)  # last: a directory with config.json is complete
     return out
 
 
@@ -112,15 +107,23 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of a model directory (safetensors, else pytorch_model.bin), names normalised."""
-    path = Path(path)
-    if (path / WEIGHTS).is_file():
-        from safetensors.torch import load_file
+    from cellrank_fm.outputs import REMAKE_MODEL, damaged
 
-        sd = load_file(str(path / WEIGHTS))
-    elif (path / TORCH_WEIGHTS).is_file():
-        sd = torch.load(path / TORCH_WEIGHTS, map_location="cpu", weights_only=True)
-    else:
-        raise UserError(f"{path} holds neither {WEIGHTS} nor {TORCH_WEIGHTS}; the model directory is incomplete.")
+    path = Path(path)
+    try:
+        if (path / WEIGHTS).is_file():
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path / WEIGHTS))
+        elif (path / TORCH_WEIGHTS).is_file():
+            sd = torch.load(path / TORCH_WEIGHTS, map_location="cpu", weights_only=True)
+        else:
+            raise UserError(f"{path} holds neither {WEIGHTS} nor {TORCH_WEIGHTS}; the model directory is incomplete.")
+    except (UserError, MemoryError):
+        raise
+    except Exception as err:  # noqa: BLE001 - safetensors and torch.load fail in many ways on a cut file
+        name = WEIGHTS if (path / WEIGHTS).is_file() else TORCH_WEIGHTS
+        raise damaged(path / name, err, REMAKE_MODEL) from None
     return normalise_names(sd)
 
 
@@ -157,13 +160,16 @@ def load_weights_into(model: _Base, sd: dict[str, torch.Tensor], source: str, en
 
 
 def _read_optional_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
+    from cellrank_fm.outputs import REMAKE_MODEL, read_json
+
+    return read_json(path, REMAKE_MODEL) if path.is_file() else None
 
 
 def load_model_dir(path: str | Path, expect: str = "any") -> tuple[_Base, ModelDirInfo]:
     """Load a model directory (ours or a HuggingFace BERT checkpoint) as (model, info).
 
-    expect: "mlm" (a pretrained masked-gene model), "classifier" (a cell classifier) or "any".
+    expect: "mlm" (a pretrained masked-gene model), "classifier" (a cell classifier, as
+    `inference.require_cell_classifier` defines it) or "any".
     """
     path = Path(path)
     raw = read_config(path)
@@ -174,11 +180,6 @@ def load_model_dir(path: str | Path, expect: str = "any") -> tuple[_Base, ModelD
         raise UserError(f"{path} holds a {arch}, which cellrank cannot load; it loads {', '.join(ARCHITECTURES)}.")
     if expect == "mlm" and arch != "BertForMaskedLM":
         raise UserError(f"{path} holds a {arch}, not a pretrained masked-gene model.")
-    if expect == "classifier" and arch == "BertForTokenClassification":
-        raise UserError(f"{path} holds a gene classifier (`finetune --task genes`), not a cell classifier; "
-                        "its scores for every gene are in gene_scores.csv beside it.")
-    if expect == "classifier" and arch == "BertForMaskedLM":
-        raise UserError(f"{path} holds a pretrained model without a classifier; fine-tune it first with `cellrank finetune`.")
     cfg = ModelConfig.from_dict(raw)
     model = ARCHITECTURES[arch](cfg)
     load_weights_into(model, read_weights(path), str(path))
@@ -194,6 +195,10 @@ def load_model_dir(path: str | Path, expect: str = "any") -> tuple[_Base, ModelD
         gene_map=_read_optional_json(path / GENE_MAP_FILE),
     )
     model.eval()
+    if expect == "classifier":
+        from cellrank_fm.inference import require_cell_classifier
+
+        require_cell_classifier(info)
     return model, info
 
 
@@ -223,5 +228,5 @@ def is_model_dir(path: str | Path) -> bool:
 
 __all__ = [
     "ModelDirInfo", "save_model_dir", "load_model_dir", "load_encoder", "read_config",
-    "read_weights", "load_weights_into", "is_model_dir", "write_json",
+    "read_weights", "load_weights_into", "is_model_dir",
 ]

@@ -1,7 +1,8 @@
 """`cellrank demo`: the whole product on a simulated corpus, offline, in a few minutes on a CPU.
 
-Each step runs the real command (the same code path as on a user's files) and leaves its
-outputs in the demo directory; the report then gathers the figures and plots that matter:
+Each step is one call of the Python API (the functions the `cellrank` commands run, on the same
+code path as a user's files) and leaves its outputs in the demo directory; the report then
+gathers the figures and plots that matter:
 
     simulate -> medians -> tokenize -> pretrain -> finetune (+ baseline) -> explain -> perturb
 """
@@ -13,9 +14,6 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-
-from cellrank_fm.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -35,28 +33,56 @@ QUICK = DemoSize(cells=600, genes=400, genes_per_cell=64, pretrain_steps=30, fin
                  explain_cells_per_class=2, perturb_cells=16)
 
 
-def _run(args: list[str], log: list[str]) -> None:
-    """Run one `cellrank` command in this process, exactly as a user would type it."""
-    from cellrank_fm.cli import app
+class _Steps:
+    """Runs API calls and logs each as the Python a user would type, with its wall time."""
 
-    command = "cellrank " + " ".join(args)
-    print(f"\n$ {command}", flush=True)
-    started = time.perf_counter()
-    app(args=args, standalone_mode=False)
-    log.append(f"{command}    # {time.perf_counter() - started:.0f} s")
+    def __init__(self, out: Path, quiet: bool):
+        self.out, self.quiet, self.log = out, quiet, []
+
+    def run(self, name: str, *args, **kwargs):
+        from cellrank_fm import api
+
+        shown = ", ".join([self._show(a) for a in args] + [f"{k}={self._show(v)}" for k, v in kwargs.items()])
+        call = f"cfm.{name}({shown})"
+        print(f"\n>>> {call}", flush=True)
+        started = time.perf_counter()
+        result = getattr(api, name)(*args, progress=not self.quiet, **kwargs)
+        self.log.append(f"{call}    # {time.perf_counter() - started:.0f} s")
+        return result
+
+    def _show(self, value) -> str:
+        if isinstance(value, Path) or hasattr(value, "__fspath__"):
+            path = Path(value)
+            return repr(str(path.relative_to(self.out) if path.is_relative_to(self.out) else path))
+        return repr(value)
 
 
-def run_demo(out: str | Path, *, seed: int = 0, size: DemoSize = DemoSize(), quiet: bool = False) -> Path:
-    """Run every step into `out` and write `out/report.md` and `out/report.html`; returns the report path."""
+def run_demo(out: str | Path, *, seed: int = 0, size: DemoSize = DemoSize(), quiet: bool = False,
+             overwrite: bool = False) -> Path:
+    """Run every step into `out` and write `out/report.md` and `out/report.html`; returns the report path.
+
+    A failed demo leaves no directory behind (`cellrank_fm.outputs.claim`).
+    """
+    from cellrank_fm.outputs import check_new_directory, claim, remove
+
+    with claim(out) as output:
+        check_new_directory(out, overwrite)
+        if overwrite and Path(out).is_dir():
+            remove(Path(out))
+            output.replaced()
+        return _run_demo(Path(out), seed=seed, size=size, quiet=quiet)
+
+
+def _run_demo(out: Path, *, seed: int, size: DemoSize, quiet: bool) -> Path:
+    from rich.console import Console
+
+    from cellrank_fm.metrics import metrics_table
     from cellrank_fm.simulate import planted, simulate_corpus
     from cellrank_fm.vocab import save_json_mapping
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} is not empty; choose another --out or remove it first.")
     out.mkdir(parents=True, exist_ok=True)
-    q = ["--quiet"] if quiet else []
-    log: list[str] = []
+    steps = _Steps(out, quiet)
+    console = Console(quiet=quiet)
     started = time.perf_counter()
 
     # 1. A corpus with known answers: three cell states with planted marker programs, and a
@@ -69,40 +95,43 @@ def run_demo(out: str | Path, *, seed: int = 0, size: DemoSize = DemoSize(), qui
     print(f"simulated {adata.n_obs:,} cells x {adata.n_vars:,} genes -> {corpus}", flush=True)
 
     # 2-3. Medians from the corpus itself, then rank-value tokens through the Rust core.
-    _run(["medians", str(corpus), "--vocab", str(out / "vocabulary.json"), "--out", str(out / "medians.json"), *q], log)
-    _run(["tokenize", str(corpus), "--out", str(out / "shards"), "--vocab", str(out / "vocabulary.json"),
-          "--medians", str(out / "medians.json"), "--model-input-size", str(size.genes_per_cell),
-          "--keep-obs", "cell_state,condition,donor", *q], log)
+    steps.run("medians", corpus, vocab=out / "vocabulary.json", out=out / "medians.json")
+    shards = steps.run("tokenize", corpus, out=out / "shards", vocab=out / "vocabulary.json",
+                       medians=out / "medians.json", model_input_size=size.genes_per_cell,
+                       keep_obs=["cell_state", "condition", "donor"])
 
     # 4. Masked-gene pretraining of a tiny model.
-    _run(["pretrain", str(out / "shards"), "--out", str(out / "pretrained"), "--preset", "tiny",
-          "--max-steps", str(size.pretrain_steps), "--tokens-per-batch", "8192", "--lr", "2e-3",
-          "--seed", str(seed), "--device", "cpu", *q], log)
+    pretrained = steps.run("pretrain", shards, out=out / "pretrained", preset="tiny", max_steps=size.pretrain_steps,
+                           tokens_per_batch=8192, lr=2e-3, seed=seed, device="cpu", checkpoint_every=500)
 
     # 5. Two classifiers from the pretrained model: cell state (explained) and condition
     #    (perturbed), each beside the logistic-regression baseline on the same split.
+    classifiers = {}
     for label in ("cell_state", "condition"):
-        _run(["finetune", str(out / "shards"), "--label", label, "--from", str(out / "pretrained"),
-              "--out", str(out / f"classifier_{label}"), "--epochs", str(size.finetune_epochs), "--lr", "2e-3",
-              "--tokens-per-batch", "2048",
-              "--baseline", "--seed", str(seed), "--device", "cpu", *q], log)
+        clf = steps.run("finetune", shards, out=out / f"classifier_{label}", label=label, from_model=pretrained,
+                        epochs=size.finetune_epochs, lr=2e-3, tokens_per_batch=2048, baseline=True, seed=seed,
+                        device="cpu")
+        classifiers[label] = clf
+        console.print(metrics_table({"cellrank": clf.metrics, "baseline": clf.summary["baseline"]},
+                                    title=f"{label}: test split"))
 
     # 6. Which genes decide each state (SHAP over the gene-deletion game).
-    _run(["explain", str(out / "classifier_cell_state"), str(corpus), "--out", str(out / "explain"),
-          "--per-class", str(size.explain_cells_per_class), "--label", "cell_state", "--top", "15",
-          "--seed", str(seed), "--device", "cpu", *q], log)
+    explained = steps.run("explain", classifiers["cell_state"], corpus, per_class=size.explain_cells_per_class,
+                          label="cell_state", seed=seed, device="cpu")
+    explained.write(out / "explain", top=15)
+    console.print(explained.summary())
 
     # 7. Delete the planted drivers (as a set and one by one) from disease cells: do they move
     #    toward healthy cells?
-    drivers = ",".join(truth["drivers"])
-    for mode, extra in (("one_by_one", []), ("as_set", ["--as-set"])):
-        _run(["perturb", str(out / "classifier_condition"), str(corpus), "--out", str(out / f"perturb_{mode}"),
-              "--state-column", "condition", "--start-state", "disease", "--goal-state", "healthy",
-              "--genes", drivers, *extra, "--max-cells", str(size.perturb_cells), "--null-genes", "30",
-              "--seed", str(seed), "--device", "cpu", *q], log)
+    for mode, as_set in (("one_by_one", False), ("as_set", True)):
+        perturbed = steps.run("perturb", classifiers["condition"], corpus, state_column="condition",
+                              start_state="disease", goal_state="healthy", genes=truth["drivers"], as_set=as_set,
+                              max_cells=size.perturb_cells, null_genes=30, seed=seed, device="cpu")
+        perturbed.write(out / f"perturb_{mode}")
+        console.print(perturbed.summary())
 
     seconds = time.perf_counter() - started
-    report = write_report(out, truth, log, seconds, seed)
+    report = write_report(out, truth, steps.log, seconds, seed)
     print(f"\nreport: {report}\n        {report.with_suffix('.html')}  ({seconds:.0f} s)", flush=True)
     return report
 
@@ -195,7 +224,8 @@ def write_report(out: Path, truth: dict, log: list[str], seconds: float, seed: i
     md = ["# cellrank demo report", "",
           f"A simulated corpus (seed {seed}) with three cell states, each with {len(next(iter(truth['markers'].values())))} "
           f"planted marker genes, and a disease condition driven by {len(truth['drivers'])} planted genes. "
-          f"Every step below ran the real `cellrank` command; the whole run took {seconds:.0f} s.", ""]
+          f"Every step below is one call of cellrank's Python API (`import cellrank_fm as cfm`), the "
+          f"functions the `cellrank` commands run; the whole run took {seconds:.0f} s.", ""]
     md += ["## Tokenization", ""]
     md += _table(["cells in", "filtered out", "empty", "written", "parts"],
                  [[cells.get("input"), cells.get("filtered_out"), cells.get("empty"), cells.get("written"),

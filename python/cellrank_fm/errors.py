@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 class UserError(Exception):
@@ -15,6 +17,13 @@ class UserError(Exception):
 
     The CLI prints the message as one sentence and exits with code 2; never raise it for bugs.
     """
+
+
+def warn(message: str, collected: list[str] | None = None) -> None:
+    """Print `warning: message` on stderr (always, even when quiet) and keep it in `collected`."""
+    if collected is not None:
+        collected.append(message)
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -35,6 +44,19 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     if final.is_dir() and tmp.is_dir():
         _remove(final)
     os.replace(tmp, final)
+
+
+def write_json(obj: Any, path: str | os.PathLike, indent: int = 1) -> None:
+    """`obj` as JSON (NumPy scalars and arrays as plain numbers and lists), written atomically."""
+    text = json.dumps(obj, indent=indent, ensure_ascii=False, default=_jsonable) + "\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "tolist"):  # NumPy scalars and arrays, without importing NumPy here
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
 def _remove(path: Path) -> None:

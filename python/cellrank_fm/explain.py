@@ -32,11 +32,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from cellrank_fm.errors import UserError, atomic_path
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from cellrank_fm.inference import Cells
+    from cellrank_fm.pathways import PathwayResult
 
 METHODS = ("permutation", "gradient")
 # The game's value: the explained class's logit, or that logit minus the mean of the other
@@ -44,114 +50,19 @@ METHODS = ("permutation", "gradient")
 VALUES = ("logit", "contrast")
 
 
-# ----------------------------------------------------------------------------- model + cells
-
-
-def load_classifier(model_dir: str | Path, device: str = "auto"):
-    """A fine-tuned cell classifier with what tokenizing new cells needs (`predict.LoadedModel`).
-
-    UserError for a model without a cell classification head or without class names.
-    """
-    from cellrank_fm.predict import load_for_inference
-
-    lm = load_for_inference(model_dir, expect="any", device=device)
-    if lm.info.architecture != "BertForSequenceClassification":
-        raise UserError(
-            f"{model_dir} holds a {lm.info.architecture}, which has no cell classification head; "
-            "give a model directory written by `cellrank finetune`."
-        )
-    if not lm.info.labels:
-        raise UserError(f"{model_dir} has no labels.json, so its classes have no names; re-save it with `cellrank finetune`.")
-    return lm
-
-
-@dataclass
-class Cells:
-    """Tokenized input cells: token arrays, their ids and the input's per-cell metadata."""
-
-    tokens: list[np.ndarray]
-    cell_ids: list[str]
-    obs: "object"  # pandas.DataFrame, one row per cell, aligned with tokens
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-
-def load_cells(path: str | Path, lm) -> Cells:
-    """Cells of an input file, tokenized as the model was trained, or of a token shard directory."""
-    import pandas as pd
-
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"input {path} does not exist.")
-    if path.is_dir():
-        from cellrank_fm.shards import ShardSet
-
-        shards = ShardSet(path)
-        if shards.vocabulary != lm.vocabulary:
-            raise UserError(f"{path} was tokenized with another vocabulary than the model's; tokenize it with the model's vocabulary.")
-        names = ["cell_id"] + list(shards.manifest.get("metadata_columns") or [])
-        obs = pd.DataFrame({n: shards.column(n) for n in names})
-        cell_ids = [str(c) for c in obs["cell_id"]]
-        return Cells(tokens=shards.tokens(), cell_ids=cell_ids, obs=obs.set_index(pd.Index(cell_ids)))
-    from cellrank_fm.tokenize import tokenize_in_memory
-
-    res = tokenize_in_memory(
-        str(path), lm.vocabulary, lm.medians, model_version=lm.model_version,
-        model_input_size=lm.model_input_size, gene_id_column=_id_column(path, lm.gene_id_column),
-        mapping=lm.mapping, gene_set=lm.gene_set,
-    )
-    keep = np.flatnonzero(res.ok)
-    if len(keep) == 0:
-        raise UserError(f"no cell of {path} has a gene in the model's vocabulary.")
-    return Cells(tokens=[res.tokens[i] for i in keep], cell_ids=[str(res.cell_ids[i]) for i in keep],
-                 obs=res.obs.iloc[keep])
-
-
-def _id_column(path: Path, column: str | None) -> str | None:
-    """The training input's gene-ID column if this input has it too, else None (var_names)."""
-    if column is None or path.suffix != ".h5ad":
-        return column
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        return column if column in f["var"] else None
-
-
-def input_symbols(path: str | Path, gene_id_column: str | None = None) -> dict[str, str]:
-    """Gene ID → symbol from an h5ad's var (a symbol column beside the IDs), for display only."""
-    path = Path(path)
-    if path.suffix != ".h5ad" or not path.is_file():
-        return {}
-    import anndata as ad
-
-    adata = ad.read_h5ad(path, backed="r")
-    try:
-        var = adata.var
-        ids = var[gene_id_column] if gene_id_column and gene_id_column in var else var.index.to_series()
-        from cellrank_fm.tokenize import SYMBOL_COLUMNS
-
-        for col in SYMBOL_COLUMNS:
-            if col in var.columns:
-                return {str(i).upper().split(".")[0]: str(s) for i, s in zip(ids, var[col]) if str(i) and str(s)}
-        return {}
-    finally:
-        adata.file.close()
+# ----------------------------------------------------------------------------- the game's model
 
 
 class Evaluator:
     """Runs a classifier on many token sequences in packed, token-budgeted batches.
 
-    Sequences are sorted by length and cut into batches of at most `tokens_per_batch` padded
-    tokens, so the padded attention path on CPU wastes little; on CUDA the forward runs in
-    bfloat16 autocast, which selects the variable-length flash attention path.
+    The batches are `inference.run_batches`'; the evaluator adds the empty cell (a V1 cell with
+    every gene removed) and counts the model evaluations.
     """
 
     def __init__(self, model, info, tokens_per_batch: int = 65536, value: str = "logit"):
-        import torch
-
         if value not in VALUES:
-            raise UserError(f"unknown value {value!r}; use one of {', '.join(VALUES)}.")
+            raise UserError(f"unknown --value {value!r}; use one of {', '.join(VALUES)}.")
         self.value = value
         self.model = model
         self.info = info
@@ -163,9 +74,6 @@ class Evaluator:
         ids |= set(model.config.special_token_ids or [])
         self.special_ids = np.array(sorted(ids), dtype=np.int64)
         self.evaluations = 0
-        self._autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
-        )
 
     def split(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(leading special tokens, gene tokens in rank order, trailing special tokens)."""
@@ -176,29 +84,16 @@ class Evaluator:
             return tokens, tokens[:0], tokens[:0]
         return tokens[: genes[0]], tokens[~is_special], tokens[genes[-1] + 1:]
 
-    def _batches(self, seqs: Sequence[np.ndarray]):
-        from cellrank_fm.batching import token_budget_batches
-
-        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
-        return token_budget_batches(lengths, self.tokens_per_batch, shuffle=False)
-
     def _run(self, seqs: Sequence[np.ndarray], fn, width: int) -> np.ndarray:
-        import contextlib
-
-        import torch
-
-        from cellrank_fm.batching import pack
+        from cellrank_fm.inference import per_cell
 
         out = np.empty((len(seqs), width), dtype=np.float64)
         nonempty = [i for i, s in enumerate(seqs) if len(s)]
         if len(nonempty) < len(seqs):
             out[[i for i, s in enumerate(seqs) if not len(s)]] = self.empty_output(fn)
-        sub = [seqs[i] for i in nonempty]
-        idx = np.asarray(nonempty, dtype=np.int64)
-        with torch.inference_mode(), (self._autocast or contextlib.nullcontext()):
-            for b in self._batches(sub) if sub else []:
-                batch = pack([sub[i] for i in b], self.device)
-                out[idx[b]] = fn(batch).float().cpu().numpy()
+        if nonempty:
+            out[nonempty] = per_cell(self.model, [seqs[i] for i in nonempty], fn, width,
+                                     tokens_per_batch=self.tokens_per_batch, dtype=np.float64)
         self.evaluations += len(seqs)
         return out
 
@@ -375,14 +270,59 @@ def gradient_values(evaluator: Evaluator, tokens: np.ndarray, classes: Sequence[
 
 @dataclass
 class ExplainResult:
-    """Per-cell SHAP values (long table), per-cell summary and per-class gene importance."""
+    """SHAP values of the explained cells, as tables, with `.plot()` and `.write()`.
 
-    values: "object"  # pandas.DataFrame: cell_id, class, gene_id, gene_symbol, rank, shap_value, shap_stderr
-    cells: "object"  # pandas.DataFrame: one row per explained cell
-    importance: "object"  # pandas.DataFrame: class × gene importance
+    - `importance`: per class and gene — `mean_abs_shap` (over all the class's cells, a cell
+      without the gene counting 0), `mean_shap`, `fraction_expressing`, `mean_shap_expressing`,
+      `importance_rank`, `mean_rank`;
+    - `values`: one row per cell × explained class × gene (`cell_id`, `class`, `gene_id`,
+      `gene_symbol`, `rank`, `shap_value`, `shap_stderr`);
+    - `cells`: per cell and class: group, prediction, logit, base logit, additivity gap.
+    """
+
+    values: pd.DataFrame
+    cells: pd.DataFrame
+    importance: pd.DataFrame
     method: str
     settings: dict = field(default_factory=dict)
-    pathways: "object" = None  # pathways.PathwayResult when gene sets were given
+    evaluations: int = 0
+    pathways: PathwayResult | None = None  # the pathway game and aggregation, when gene sets were given
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted(self.importance["class"].unique())
+
+    def top_genes(self, cls: str, k: int = 10, column: str = "gene_symbol") -> list[str]:
+        """The `k` most important genes of class `cls` by mean |SHAP| (symbols, or `column="gene_id"`)."""
+        return top_genes(self.importance, cls, k, column)
+
+    def plot(self, kind: str = "top", cls: str | None = None, top: int = 20, ax=None):
+        """Draw one figure and return its matplotlib Axes.
+
+        kind: "top" (the class's top genes by mean |SHAP|), "beeswarm" (each cell's SHAP value per
+        top gene, coloured by the gene's rank in the cell) or "heatmap" (class × gene signed mean
+        SHAP for every class's top genes); `cls` defaults to the first class.
+        """
+        from cellrank_fm.plots import new_axes
+
+        if kind not in _PLOTS:
+            raise UserError(f"unknown plot {kind!r}; use one of {', '.join(_PLOTS)}.")
+        cls = self.classes[0] if cls is None else cls
+        if kind != "heatmap" and cls not in self.classes:
+            raise UserError(f"no explained class {cls!r}; the classes are {', '.join(map(str, self.classes))}.")
+        draw, size = _PLOTS[kind]
+        ax = ax if ax is not None else new_axes(size(self, cls, top))
+        draw(ax, self, cls, top)
+        return ax
+
+    def write(self, out_dir: str | Path, top: int = 20, overwrite: bool = False) -> Path:
+        """Tables (Parquet and CSV) and PNG plots into `out_dir`, written whole or not at all; an
+        existing non-empty `out_dir` is refused unless `overwrite`."""
+        return write_outputs(self, out_dir, top=top, overwrite=overwrite)
+
+    def summary(self, top: int = 5):
+        """A rich Table: per class, cells explained, top genes, additivity gap and sampling error."""
+        return summary_table(self, top=top)
 
 
 def select_cells(labels: Sequence[str], per_class: int | None, seed: int) -> np.ndarray:
@@ -410,7 +350,7 @@ def class_indices(labels: Sequence[str], names: Sequence[str] | None, what: str)
     return out
 
 
-def explain(
+def explain_cells(
     evaluator: Evaluator,
     cells: Cells,
     *,
@@ -511,7 +451,8 @@ def explain(
         method=method, label_column=label_column, per_class=per_class, npermutations=npermutations,
         nsamples=nsamples, seed=seed, all_classes=all_classes, classes=list(classes) if classes else None,
         value=evaluator.value,
-    ), pathways=None if set_game is None else set_game.result(importance, values, seed=seed))
+    ), evaluations=evaluator.evaluations,
+        pathways=None if set_game is None else set_game.result(importance, values, seed=seed))
 
 
 def class_importance(values, cells) -> "object":
@@ -558,19 +499,20 @@ def top_genes(importance, cls: str, k: int = 10, column: str = "gene_id") -> lis
 # ----------------------------------------------------------------------------- outputs
 
 
-def write_outputs(result: ExplainResult, out_dir: str | Path, top: int = 20) -> Path:
+def write_outputs(result: ExplainResult, out_dir: str | Path, top: int = 20, overwrite: bool = False) -> Path:
     """Parquet/CSV tables and PNG plots into `out_dir` (written whole or not at all)."""
-    import json
+    from cellrank_fm.errors import write_json
+    from cellrank_fm.outputs import new_directory
 
     out_dir = Path(out_dir)
-    with atomic_path(out_dir) as tmp:
+    with new_directory(out_dir, overwrite), atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         result.values.to_parquet(tmp / "shap_values.parquet", index=False)
         result.cells.to_parquet(tmp / "cells.parquet", index=False)
         result.importance.to_parquet(tmp / "gene_importance.parquet", index=False)
         result.importance.to_csv(tmp / "gene_importance.csv", index=False)
         settings = result.settings if result.pathways is None else {**result.settings, **result.pathways.settings}
-        (tmp / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
+        write_json(settings, tmp / "settings.json")
         plot_importance(result, tmp, top=top)
         if result.pathways is not None:
             result.pathways.write_into(tmp, top=top)
@@ -583,65 +525,96 @@ def _safe(name: str) -> str:
 
 def plot_importance(result: ExplainResult, out_dir: Path, top: int = 20) -> list[Path]:
     """Top genes per class (bars), a beeswarm per class and a class × gene heatmap."""
-    from cellrank_fm.plots import png_figure, bar_png
+    from cellrank_fm.plots import png_figure
 
-    imp = result.importance
     written = []
-    classes = sorted(imp["class"].unique())
-    for cls in classes:
-        sub = imp[imp["class"] == cls].head(top)
-        path = out_dir / f"top_genes_{_safe(cls)}.png"
-        bar_png(list(sub["gene_symbol"]), sub["mean_abs_shap"], path,
-                title=f"{cls}: top genes by mean |SHAP| ({result.method})", xlabel="mean |SHAP| (logit)")
-        written.append(path)
-        path = out_dir / f"beeswarm_{_safe(cls)}.png"
-        _beeswarm(result, cls, list(sub["gene_id"]), list(sub["gene_symbol"]), path, png_figure)
-        written.append(path)
-    path = out_dir / "heatmap.png"
-    _heatmap(imp, classes, max(3, min(10, top)), path, png_figure)
-    written.append(path)
+    for kind, cls in [(k, c) for c in result.classes for k in ("top", "beeswarm")] + [("heatmap", None)]:
+        draw, size = _PLOTS[kind]
+        name = "heatmap.png" if cls is None else f"{'top_genes' if kind == 'top' else kind}_{_safe(cls)}.png"
+        with png_figure(out_dir / name, size=size(result, cls, top)) as (fig, ax):
+            draw(ax, result, cls, top)
+        written.append(out_dir / name)
     return written
 
 
-def _beeswarm(result, cls, gene_ids, gene_symbols, path, figure):
+def _top(result: ExplainResult, cls: str, top: int):
+    imp = result.importance
+    return imp[imp["class"] == cls].head(top)
+
+
+def _draw_top(ax, result: ExplainResult, cls: str, top: int) -> None:
+    from cellrank_fm.plots import draw_bars
+
+    sub = _top(result, cls, top)
+    draw_bars(ax, list(sub["gene_symbol"]), sub["mean_abs_shap"],
+              title=f"{cls}: top genes by mean |SHAP| ({result.method})", xlabel="mean |SHAP| (logit)")
+
+
+def _draw_beeswarm(ax, result: ExplainResult, cls: str, top: int) -> None:
     """Each dot a cell: its SHAP value for the gene, coloured by the gene's rank in the cell."""
+    sub = _top(result, cls, top)
+    gene_ids, gene_symbols = list(sub["gene_id"]), list(sub["gene_symbol"])
     vals = result.values
     own = vals[(vals["class"] == cls)]
     own = own[own["cell_id"].isin(result.cells.loc[result.cells["group"] == cls, "cell_id"])]
     rng = np.random.default_rng(0)
-    with figure(path, size=(7, max(3.0, 0.3 * len(gene_ids) + 1.2))) as (fig, ax):
-        sc = None
-        for row, gid in enumerate(gene_ids):
-            g = own[own["gene_id"] == gid]
-            y = len(gene_ids) - 1 - row + rng.uniform(-0.3, 0.3, size=len(g))
-            sc = ax.scatter(g["shap_value"], y, c=np.log10(g["rank"].to_numpy()), cmap="coolwarm_r", s=6,
-                            linewidths=0, vmin=0, vmax=max(1.0, np.log10(max(2, vals["rank"].max()))))
-        ax.axvline(0, color="grey", linewidth=0.6)
-        ax.set_yticks(range(len(gene_ids))[::-1], gene_symbols, fontsize=8)
-        ax.set_xlabel("SHAP value (logit)")
-        ax.set_title(f"{cls}: SHAP value per cell ({result.method})")
-        if sc is not None:
-            fig.colorbar(sc, ax=ax, label="log10 rank in cell (red = top-ranked)")
+    sc = None
+    for row, gid in enumerate(gene_ids):
+        g = own[own["gene_id"] == gid]
+        y = len(gene_ids) - 1 - row + rng.uniform(-0.3, 0.3, size=len(g))
+        sc = ax.scatter(g["shap_value"], y, c=np.log10(g["rank"].to_numpy()), cmap="coolwarm_r", s=6,
+                        linewidths=0, vmin=0, vmax=max(1.0, np.log10(max(2, vals["rank"].max()))))
+    ax.axvline(0, color="grey", linewidth=0.6)
+    ax.set_yticks(range(len(gene_ids))[::-1], gene_symbols, fontsize=8)
+    ax.set_xlabel("SHAP value (logit)")
+    ax.set_title(f"{cls}: SHAP value per cell ({result.method})")
+    if sc is not None:
+        ax.figure.colorbar(sc, ax=ax, label="log10 rank in cell (red = top-ranked)")
 
 
-def _heatmap(imp, classes, per_class, path, figure):
+def _heatmap_genes(result: ExplainResult, top: int) -> list[str]:
+    """Each class's top genes (at most 10 per class), in class order, each once."""
+    imp, per_class = result.importance, max(3, min(10, top))
+    genes: list[str] = []
+    for cls in result.classes:
+        genes += [g for g in imp[imp["class"] == cls].head(per_class)["gene_id"] if g not in genes]
+    return genes
+
+
+def _draw_heatmap(ax, result: ExplainResult, cls: str | None, top: int) -> None:
     """Signed mean SHAP of each class's top genes, for every class (columns: genes)."""
-    genes, seen = [], set()
-    for cls in classes:
-        for gid in imp[imp["class"] == cls].head(per_class)["gene_id"]:
-            if gid not in seen:
-                seen.add(gid)
-                genes.append(gid)
+    imp, classes, genes = result.importance, result.classes, _heatmap_genes(result, top)
     table = imp.pivot_table(index="class", columns="gene_id", values="mean_shap", fill_value=0.0)
     table = table.reindex(index=classes, columns=genes, fill_value=0.0)
     sym = imp.drop_duplicates("gene_id").set_index("gene_id")["gene_symbol"]
     lim = float(np.abs(table.to_numpy()).max()) or 1.0
-    with figure(path, size=(max(6.0, 0.3 * len(genes) + 2), max(3.0, 0.4 * len(classes) + 1.5))) as (fig, ax):
-        im = ax.imshow(table.to_numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
-        ax.set_yticks(range(len(classes)), classes)
-        ax.set_xticks(range(len(genes)), [sym.get(g, g) for g in genes], rotation=90, fontsize=7)
-        fig.colorbar(im, ax=ax, label="mean SHAP (own-class cells)")
-        ax.set_title("class × gene importance")
+    im = ax.imshow(table.to_numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xticks(range(len(genes)), [sym.get(g, g) for g in genes], rotation=90, fontsize=7)
+    ax.figure.colorbar(im, ax=ax, label="mean SHAP (own-class cells)")
+    ax.set_title("class × gene importance")
+
+
+def _heatmap_size(result: ExplainResult, cls: str | None, top: int) -> tuple[float, float]:
+    return (max(6.0, 0.3 * len(_heatmap_genes(result, top)) + 2), max(3.0, 0.4 * len(result.classes) + 1.5))
+
+
+def _bars_size(result: ExplainResult, cls: str, top: int) -> tuple[float, float]:
+    from cellrank_fm.plots import bar_size
+
+    return bar_size(len(_top(result, cls, top)))
+
+
+def _beeswarm_size(result: ExplainResult, cls: str, top: int) -> tuple[float, float]:
+    return (7, max(3.0, 0.3 * len(_top(result, cls, top)) + 1.2))
+
+
+# kind -> (draw on an Axes, figure size), each called with (result, class, top genes)
+_PLOTS = {
+    "top": (_draw_top, _bars_size),
+    "beeswarm": (_draw_beeswarm, _beeswarm_size),
+    "heatmap": (_draw_heatmap, _heatmap_size),
+}
 
 
 def summary_table(result: ExplainResult, top: int = 5):

@@ -13,7 +13,6 @@ confusion_matrix.png, split.csv (every cell's split) and training/ (the loop's l
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,15 +22,17 @@ import torch
 import torch.nn.functional as F
 
 from cellrank_fm.batching import pack, token_budget_batches
-from cellrank_fm.errors import UserError, atomic_path
-from cellrank_fm.metrics import classification_metrics, write_json
+from cellrank_fm.errors import UserError, atomic_path, warn, write_json
+from cellrank_fm.inference import gene_scores, predict_tokens
+from cellrank_fm.metrics import classification_metrics
+from cellrank_fm.shards import GENE_SET_FILE
 from cellrank_fm.splits import SHARD_HINT, Split, split_cells
-
-GENE_SET_FILE = "gene_set.json"
 
 
 @dataclass
 class FinetuneOptions:
+    """Fine-tuning settings; the training ones left None are chosen by `plan_training`."""
+
     label: str
     from_model: str | Path | None = None
     preset: str | None = None
@@ -44,13 +45,14 @@ class FinetuneOptions:
     pooling: str | None = None  # default: "cls" for V2 tokens, else "mean"
     freeze_layers: int = 0
     class_weight: bool = True
-    epochs: float = 10.0
-    lr: float = 1e-4
+    epochs: float | None = None  # at most; early stopping may end sooner
+    min_epochs: float | None = None  # no early stop before this
+    lr: float | None = None  # the encoder's peak rate; the head and gene embeddings scale from it
     warmup_fraction: float = 0.1
     weight_decay: float = 0.01
-    tokens_per_batch: int = 16384
+    tokens_per_batch: int | None = None
     evals_per_epoch: int = 2
-    patience: int = 4
+    patience: int | None = None  # evaluations without a better validation loss or macro-F1
     max_cells: int | None = None  # use at most this many training cells (seeded sample)
     dropout: float | None = None
     device: str = "auto"
@@ -59,28 +61,92 @@ class FinetuneOptions:
     model_overrides: dict[str, Any] = field(default_factory=dict)
 
 
-# ----------------------------------------------------------------------------- model set-up
+# ----------------------------------------------------------------------------- training plan
+
+# The defaults, measured on real PBMC tasks none of them was tuned on (README, "Fine-tuning
+# defaults"): a batch holds about this many cells, and training runs for at least this many
+# optimizer steps, whatever the data size, unless early stopping ends it.
+CELLS_PER_BATCH = 32
+MIN_STEPS = 600
+MAX_EPOCHS = 30.0
+MIN_EPOCHS = 3.0
+PATIENCE_EPOCHS = 2.0
+# A fresh head learns at the from-scratch rate, a pretrained encoder at a fraction of it; the
+# gene embeddings (one row per gene, each updated only in the cells that hold the gene) at a
+# multiple.
+PRETRAINED_LR_FRACTION = 0.5
+EMBEDDING_LR_SCALE = 10.0
+HEAD = ("classifier.", "bert.pooler.")
+EMBEDDINGS = "bert.embeddings.word_embeddings."
 
 
-def gene_set_ids(shards) -> list[str] | None:
-    """The gene IDs a gene-set tokenization kept (re-resolved from the recorded source), or None."""
-    info = shards.manifest.get("gene_set")
-    if not info:
-        return None
-    stored = shards.path / GENE_SET_FILE
-    if stored.is_file():
-        return sorted(json.loads(stored.read_text()))
-    from cellrank_fm.genes import load_gene_set, resolve_gene_set
+def scratch_lr(hidden_size: int) -> float:
+    """1e-3 at width 64, inversely proportional to the width (as `pretrain.default_lr`)."""
+    return 1e-3 * 64 / hidden_size
 
-    source = Path(str(info.get("source", "")))
-    if not source.is_file():
-        raise UserError(
-            f"the shards were tokenized with the gene set {source}, which is gone; the model must "
-            f"record it so `predict` tokenizes new cells alike — restore the file."
-        )
-    column = (shards.manifest.get("settings") or {}).get("genes_column")
-    ids, _ = resolve_gene_set(load_gene_set(source, column), None, shards.vocabulary)
-    return sorted(ids)
+
+@dataclass
+class TrainingPlan:
+    """The resolved training settings of one fine-tuning run, with where each came from."""
+
+    lr: float
+    lr_scales: tuple[tuple[str, float], ...]
+    tokens_per_batch: int
+    steps_per_epoch: int
+    epochs: float
+    min_epochs: float
+    patience: int
+    eval_every: int
+    warmup_steps: int
+    chosen: dict[str, str]
+
+    @property
+    def max_steps(self) -> int:
+        return max(1, int(round(self.epochs * self.steps_per_epoch)))
+
+    def record(self) -> dict:
+        return {"lr": self.lr, "lr_scales": dict(self.lr_scales), "tokens_per_batch": self.tokens_per_batch,
+                "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs, "max_steps": self.max_steps,
+                "min_epochs": self.min_epochs, "patience_evaluations": self.patience,
+                "eval_every_steps": self.eval_every, "warmup_steps": self.warmup_steps, "chosen": self.chosen}
+
+
+def plan_training(opts: FinetuneOptions, hidden_size: int, pretrained: bool, train_lengths: np.ndarray,
+                  count_batches) -> TrainingPlan:
+    """Fill the options left None from the model width, whether it is pretrained, and the data.
+
+    `count_batches(tokens_per_batch)` is the number of training batches in one epoch.
+    """
+    chosen: dict[str, str] = {}
+    tpb = opts.tokens_per_batch
+    if tpb is None:
+        # About CELLS_PER_BATCH cells of the usual length, within what one batch may hold.
+        typical = float(np.percentile(train_lengths, 90)) if len(train_lengths) else 1.0
+        tpb = int(min(16384, max(1024, CELLS_PER_BATCH * typical)))
+        chosen["tokens_per_batch"] = f"about {CELLS_PER_BATCH} cells of {typical:.0f} tokens"
+    steps_per_epoch = max(1, count_batches(tpb))
+    head_lr = scratch_lr(hidden_size)
+    lr = opts.lr
+    if lr is None:
+        lr = head_lr * (PRETRAINED_LR_FRACTION if pretrained else 1.0)
+        chosen["lr"] = (f"{'pretrained' if pretrained else 'new'} encoder of width {hidden_size}")
+    scales = ((HEAD[0], head_lr / lr), (HEAD[1], head_lr / lr), (EMBEDDINGS, EMBEDDING_LR_SCALE))
+    epochs = opts.epochs
+    if epochs is None:
+        epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, MIN_STEPS / steps_per_epoch))
+        chosen["epochs"] = f"at least {MIN_STEPS} steps of {steps_per_epoch} per epoch"
+    min_epochs = opts.min_epochs if opts.min_epochs is not None else min(MIN_EPOCHS, epochs)
+    evals = max(1, opts.evals_per_epoch)
+    eval_every = max(1, steps_per_epoch // evals)
+    patience = opts.patience
+    if patience is None:
+        patience = max(2, int(round(PATIENCE_EPOCHS * steps_per_epoch / eval_every)))
+        chosen["patience"] = f"{PATIENCE_EPOCHS:g} epochs of evaluations"
+    plan = TrainingPlan(lr=lr, lr_scales=scales, tokens_per_batch=tpb, steps_per_epoch=steps_per_epoch,
+                        epochs=float(epochs), min_epochs=float(min_epochs), patience=int(patience),
+                        eval_every=eval_every, warmup_steps=0, chosen=chosen)
+    plan.warmup_steps = int(opts.warmup_fraction * plan.max_steps)
+    return plan
 
 
 def _special_ids(special: dict) -> list[int]:
@@ -139,33 +205,17 @@ def freeze_layers(model, n: int) -> None:
             p.requires_grad_(False)
 
 
-def device_for(name: str = "auto") -> torch.device:
-    from cellrank_fm.train import pick_device
-
-    return pick_device(name)
-
-
-@torch.no_grad()
-def predict_tokens(model, tokens: list[np.ndarray], tokens_per_batch: int = 32768,
-                   device: torch.device | None = None) -> np.ndarray:
-    """Class probabilities [cells, classes] for token arrays (all non-empty), in input order."""
-    device = device or next(model.parameters()).device
-    model.eval()
-    lengths = np.array([len(t) for t in tokens], dtype=np.int64)
-    out = np.zeros((len(tokens), model.config.num_labels), dtype=np.float32)
-    for idx in token_budget_batches(lengths, tokens_per_batch, shuffle=False):
-        batch = pack([tokens[i] for i in idx], device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(batch)
-        out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-    return out
-
-
 # ----------------------------------------------------------------------------- the task
 
 
 class CellClassificationTask:
-    """Plugs cell classification into `train.train` (plan / batch / loss / evaluate / save)."""
+    """Plugs cell classification into `train.train` (plan / batch / loss / evaluate / save).
+
+    Early stopping: after `plan.min_epochs`, training ends once `plan.patience` evaluations in a
+    row brought neither a lower validation loss nor a higher validation macro-F1, so it never
+    stops while the loss is still falling. The weights with the best validation macro-F1 (ties:
+    the lower loss) are kept.
+    """
 
     name = "finetune"
 
@@ -183,13 +233,15 @@ class CellClassificationTask:
             self.codes[i] = lookup[split.labels[i]]
         self.lengths = shards.lengths.astype(np.int64)
         self.class_weights = class_weights
+        self.plan_: TrainingPlan | None = None  # set by finetune_cells before training
         self.best_f1 = -1.0
-        self.best_step = 0
+        self.best_loss = float("inf")
+        self.best_eval = -1
         self.best_state: dict[str, torch.Tensor] | None = None
-        self.since_best = 0
+        self.lowest_loss = float("inf")
+        self.since_progress = 0
         self.stop = False
         self.history: list[dict] = []
-        self.step = 0
         # Validation tokens are read once and reused at every evaluation.
         self.val_tokens = shards.tokens(split.validation) if len(split.validation) else []
 
@@ -210,29 +262,42 @@ class CellClassificationTask:
     def evaluate(self, model) -> dict[str, float]:
         if not len(self.split.validation):
             return {}
-        device = next(model.parameters()).device
-        proba = predict_tokens(model, self.val_tokens, device=device)
+        proba = predict_tokens(model, self.val_tokens)
         y = self.codes[self.split.validation]
         m = classification_metrics(y, proba.argmax(1), self.split.classes)
         loss = float(F.nll_loss(torch.log(torch.from_numpy(proba).clamp_min(1e-9)), torch.from_numpy(y)))
-        self.history.append({"evaluation": len(self.history), "macro_f1": m["macro_f1"],
+        plan = self.plan_
+        epoch = (len(self.history) + 1) * plan.eval_every / plan.steps_per_epoch
+        self.history.append({"evaluation": len(self.history), "epoch": epoch, "macro_f1": m["macro_f1"],
                              "accuracy": m["accuracy"], "loss": loss})
-        if m["macro_f1"] > self.best_f1 + 1e-9:
-            self.best_f1 = m["macro_f1"]
-            self.best_eval = len(self.history) - 1
+        f1 = m["macro_f1"]
+        progress = loss < self.lowest_loss - 1e-4 or f1 > self.best_f1 + 1e-9
+        self.lowest_loss = min(self.lowest_loss, loss)
+        if f1 > self.best_f1 + 1e-9 or (abs(f1 - self.best_f1) <= 1e-9 and loss < self.best_loss):
+            self.best_f1, self.best_loss, self.best_eval = f1, loss, len(self.history) - 1
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            self.since_best = 0
-        else:
-            self.since_best += 1
-            if self.opts.patience and self.since_best >= self.opts.patience:
-                self.stop = True
-        return {"macro_f1": m["macro_f1"], "accuracy": m["accuracy"], "loss": loss}
+        self.since_progress = 0 if progress else self.since_progress + 1
+        if plan.patience and self.since_progress >= plan.patience and epoch >= plan.min_epochs - 1e-9:
+            self.stop = True
+        return {"macro_f1": f1, "accuracy": m["accuracy"], "loss": loss}
 
     def should_stop(self) -> bool:
         return self.stop
 
     def save(self, model, out_dir: Path, extra: dict) -> None:
         """Nothing mid-run: the best weights are kept in memory and written once at the end."""
+
+    # What a checkpoint holds beyond the loop's own state, so that a resumed run ends as an
+    # uninterrupted one: the best weights so far and the early-stopping record.
+    STATE_FIELDS = ("best_f1", "best_loss", "best_eval", "lowest_loss", "since_progress", "stop", "history",
+                    "best_state")
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k, None) for k in self.STATE_FIELDS}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
 
 
 def class_weights_for(codes: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -246,19 +311,22 @@ def class_weights_for(codes: np.ndarray, n_classes: int) -> torch.Tensor:
 
 
 def finetune_cells(shard_dir: str | Path, out: str | Path, opts: FinetuneOptions,
-                   with_baseline: bool = False) -> dict:
+                   with_baseline: bool = False, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Fine-tune a cell classifier; write the model directory and reports to `out`.
 
+    The run builds `out` beside it (`cellrank_fm.outputs.partial_directory`), checkpointed at
+    every evaluation; `resume=True` continues an interrupted run to the same result.
     Returns {"metrics": test metrics, "baseline": baseline metrics or None, "split": Split}.
     """
     from cellrank_fm.checkpoint import save_model_dir
     from cellrank_fm.plots import confusion_matrix_png, curve_png
+    from cellrank_fm.outputs import check_new_directory, partial_directory
     from cellrank_fm.shards import ShardSet
-    from cellrank_fm.train import TrainConfig, train
+    from cellrank_fm.train import STATE, TrainConfig, train
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} already exists and is not empty; choose another --out or remove it.")
+    if not resume:
+        check_new_directory(out, overwrite)
     shards = ShardSet(shard_dir)
     available = list(shards.manifest.get("metadata_columns") or [])
     cell_ids = shards.column("cell_id")
@@ -272,7 +340,7 @@ def finetune_cells(shard_dir: str | Path, out: str | Path, opts: FinetuneOptions
         say(msg)
     if not len(split.test):
         raise UserError("the test split is empty; raise --test-fraction or add cells.")
-    gene_set = gene_set_ids(shards)
+    gene_set = shards.gene_set
     model = build_classifier(shards, len(split.classes), opts)
     codes_train = np.array([split.classes.index(x) for x in split.labels[split.train]])
     weights = class_weights_for(codes_train, len(split.classes)) if opts.class_weight else None
@@ -282,38 +350,40 @@ def finetune_cells(shard_dir: str | Path, out: str | Path, opts: FinetuneOptions
         save_model_dir(m, directory, shards.vocabulary, shards.medians, shards.symbols,
                        extra_config={**info, **extra}, labels=list(split.classes), gene_map=shards.gene_map)
         if gene_set is not None:
-            write_json(gene_set, directory / GENE_SET_FILE)
+            write_json(gene_set, directory / GENE_SET_FILE, indent=2)
 
-    with atomic_path(out) as tmp:
-        tmp.mkdir(parents=True)
+    record = {"options": {k: v for k, v in vars(opts).items() if k not in ("quiet", "device", "max_seconds")},
+              "shards": shards.path.resolve(), "shards_manifest": shards.manifest, "baseline": with_baseline}
+    with partial_directory(out, record, resume=resume, overwrite=overwrite,
+                           has_checkpoint=lambda work: (work / "training" / STATE).is_file()) as (tmp, resuming):
         task = CellClassificationTask(shards, split, opts, weights)
-        steps_per_epoch = max(1, len(task.plan(0, 0, 1, opts.tokens_per_batch)))
-        max_steps = max(1, int(round(opts.epochs * steps_per_epoch)))
+        plan = plan_training(opts, model.config.hidden_size, opts.from_model is not None,
+                             task.lengths[task.train_idx], lambda tpb: len(task.plan(0, 0, 1, tpb)))
+        task.plan_ = plan
+        say(describe_plan(plan))
         cfg = TrainConfig(
-            lr=opts.lr, weight_decay=opts.weight_decay, warmup_steps=int(opts.warmup_fraction * max_steps),
-            schedule="linear", max_steps=max_steps, tokens_per_batch=opts.tokens_per_batch,
-            eval_every=max(1, steps_per_epoch // max(1, opts.evals_per_epoch)), eval_at_start=False,
-            log_every=max(1, min(10, steps_per_epoch)), seed=opts.seed, device=opts.device,
+            lr=plan.lr, lr_scales=plan.lr_scales, weight_decay=opts.weight_decay, warmup_steps=plan.warmup_steps,
+            schedule="linear", max_steps=plan.max_steps, tokens_per_batch=plan.tokens_per_batch,
+            eval_every=plan.eval_every, eval_at_start=False, checkpoint_every=plan.eval_every,
+            log_every=max(1, min(10, plan.steps_per_epoch)), seed=opts.seed, device=opts.device,
             max_seconds=opts.max_seconds, quiet=opts.quiet,
         )
-        summary = train(model, task, cfg, tmp / "training")
+        summary = train(model, task, cfg, tmp / "training", resume=resuming)
         # The best checkpoint (by validation macro-F1) becomes the model; without a validation
         # split, the last weights do.
         if task.best_state is not None:
             model.load_state_dict(task.best_state)
-        device = next(model.parameters()).device
         save_model(model, tmp, {"step": summary["step"], "best_validation_macro_f1": task.best_f1})
-        # Fine-tuning is short and restarts cleanly; the optimizer state is not worth its size.
-        (tmp / "training" / "trainer_state.pt").unlink(missing_ok=True)
-        proba = predict_tokens(model, shards.tokens(split.test), device=device)
+        proba = predict_tokens(model, shards.tokens(split.test))
         y_test = split.codes("test")
         metrics = classification_metrics(y_test, proba.argmax(1), split.classes)
         metrics.update({
             "model": "cellrank fine-tuned classifier",
             "label_column": opts.label,
             "best_validation_macro_f1": task.best_f1 if task.best_f1 >= 0 else None,
-            "steps": summary["step"], "steps_per_epoch": steps_per_epoch,
+            "steps": summary["step"], "steps_per_epoch": plan.steps_per_epoch,
             "stopped_early": bool(task.stop), "seconds": summary["seconds"],
+            "training": plan.record(),
             "split": {"how": split.how, "seed": opts.seed, "train": len(split.train),
                       "validation": len(split.validation), "test": len(split.test),
                       "dropped_classes": split.dropped},
@@ -321,14 +391,17 @@ def finetune_cells(shard_dir: str | Path, out: str | Path, opts: FinetuneOptions
         })
         baseline = None
         if with_baseline:
-            from cellrank_fm.baseline import run_baseline, table_from_shards
+            from cellrank_fm.baseline import run_baseline, table_from_shards, token_probe
 
-            say("fitting the baseline on the same split ...")
+            say("fitting the baseline and the token probe on the same split ...")
             baseline = run_baseline(shard_dir, opts.label, split=split, table=table_from_shards(shard_dir),
                                     seed=opts.seed, class_weight=opts.class_weight)
             baseline.pop("messages", None)
             metrics["baseline"] = {k: baseline[k] for k in ("accuracy", "macro_f1", "per_class", "genes", "C")}
-        write_json(metrics, tmp / "metrics.json")
+            probe = token_probe(shards, split, seed=opts.seed, class_weight=opts.class_weight)
+            metrics["token_probe"] = {k: probe[k] for k in ("accuracy", "macro_f1", "per_class", "genes", "C")}
+        metrics["warnings"] = quality_check(metrics, opts, summary)
+        write_json(metrics, tmp / "metrics.json", indent=2)
         confusion_matrix_png(metrics["confusion_matrix"], split.classes, tmp / "confusion_matrix.png",
                              title=f"{opts.label}: test split")
         if task.history:
@@ -336,7 +409,56 @@ def finetune_cells(shard_dir: str | Path, out: str | Path, opts: FinetuneOptions
                                                [h["macro_f1"] for h in task.history])},
                       tmp / "validation_curve.png", xlabel="evaluation", ylabel="macro-F1")
         _write_split_csv(tmp / "split.csv", cell_ids, split)
+        # The checkpoint only served --resume; the log stays.
+        (tmp / "training" / STATE).unlink(missing_ok=True)
     return {"metrics": metrics, "baseline": baseline, "split": split}
+
+
+def describe_plan(plan: TrainingPlan) -> str:
+    head = dict(plan.lr_scales).get(HEAD[0], 1.0) * plan.lr
+    return (f"training plan: learning rate {plan.lr:.2g} (head {head:.2g}, gene embeddings "
+            f"×{dict(plan.lr_scales).get(EMBEDDINGS, 1.0):g}), {plan.tokens_per_batch:,} tokens per batch "
+            f"({plan.steps_per_epoch} steps per epoch), up to {plan.epochs:.3g} epochs ({plan.max_steps} steps), "
+            f"early stopping after {plan.min_epochs:.3g} epochs once {plan.patience} evaluations bring no gain")
+
+
+# A fine-tuned model this far below a baseline on the same split gets a warning.
+LAG_WARNING = 0.05
+
+
+def quality_check(metrics: dict, opts: FinetuneOptions, summary: dict) -> list[str]:
+    """Warnings (printed and returned) when the model trails the baselines or never trained."""
+    found: list[str] = []
+    f1 = metrics["macro_f1"]
+    behind = {name: metrics[key]["macro_f1"] for key, name in
+              (("baseline", "the logistic-regression baseline"), ("token_probe", "the token probe"))
+              if key in metrics and metrics[key]["macro_f1"] - f1 > LAG_WARNING}
+    if behind:
+        causes = []
+        if summary.get("stopped_early") and opts.max_seconds is not None:
+            causes.append("training was cut short by --max-seconds")
+        if opts.epochs is not None or opts.lr is not None:
+            causes.append("--epochs/--lr override the defaults; try without them")
+        if opts.from_model is not None:
+            causes.append(f"the pretrained model {opts.from_model} may not help (compare with --preset tiny, "
+                          "and check its metrics.json for masked-gene accuracy above the frequency baseline)")
+        causes.append("too little training for the data (raise --epochs or --min-epochs)")
+        causes.append("too few genes per cell in the shards (tokenize with a larger --model-input-size)")
+        worse = ", ".join(f"{name} ({v:.3f})" for name, v in behind.items())
+        warn(f"test macro-F1 {f1:.3f} trails {worse} by more than {LAG_WARNING}. Likely causes: "
+             + "; ".join(causes) + ".", found)
+    if opts.from_model is not None:
+        from cellrank_fm.outputs import read_json
+        from cellrank_fm.pretrain import PRETRAIN_METRICS
+
+        record = Path(opts.from_model) / PRETRAIN_METRICS
+        if record.is_file():
+            pre = read_json(record, "")
+            if pre.get("warnings"):
+                warn(f"the pretrained model {opts.from_model} did not beat the gene-frequency baseline at "
+                     "masked-gene prediction, so it brings little beyond a new model; pretrain longer or use "
+                     "--preset tiny.", found)
+    return found
 
 
 def _write_split_csv(path: Path, cell_ids, split: Split) -> None:
@@ -356,7 +478,7 @@ class GeneTaskOptions:
     folds: int = 5
     seed: int = 0
     epochs: float = 3.0
-    lr: float = 1e-4
+    lr: float | None = None  # None: as for cells (`scratch_lr`, a fraction of it when pretrained)
     warmup_fraction: float = 0.1
     weight_decay: float = 0.01
     tokens_per_batch: int = 16384
@@ -373,6 +495,8 @@ def read_gene_labels(path: str | Path, vocabulary: dict[str, int]) -> tuple[list
     IDs below). Returns (classes, gene id -> class index for genes in the vocabulary, report)."""
     import pandas as pd
 
+    from cellrank_fm.genes import normalise_id
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"gene label file {path} does not exist.")
@@ -388,7 +512,7 @@ def read_gene_labels(path: str | Path, vocabulary: dict[str, int]) -> tuple[list
     missing: dict[str, int] = {c: 0 for c in classes}
     for k, c in enumerate(classes):
         for raw in df[c].dropna():
-            gid = str(raw).strip().upper().split(".")[0]
+            gid = normalise_id(str(raw)) or str(raw).strip().upper()
             if not gid:
                 continue
             listed += 1
@@ -439,28 +563,8 @@ class GeneClassificationTask:
         """Nothing while training: `finetune_genes` saves the final model itself."""
 
 
-@torch.no_grad()
-def gene_scores(model, tokens: list[np.ndarray], genes: np.ndarray, tokens_per_batch: int = 32768) -> np.ndarray:
-    """Mean class probabilities [len(genes), classes] over every occurrence of each gene token."""
-    device = next(model.parameters()).device
-    model.eval()
-    vocab = model.config.vocab_size
-    sums = torch.zeros(vocab, model.config.num_labels, dtype=torch.float64)
-    counts = torch.zeros(vocab, dtype=torch.float64)
-    lengths = np.array([len(t) for t in tokens], dtype=np.int64)
-    for idx in token_budget_batches(lengths, tokens_per_batch, shuffle=False):
-        batch = pack([tokens[i] for i in idx], device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(batch)
-        p = torch.softmax(logits.float(), -1).cpu().double()
-        ids = batch.input_ids.cpu()
-        sums.index_add_(0, ids, p)
-        counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float64))
-    g = torch.as_tensor(genes, dtype=torch.long)
-    return (sums[g] / counts[g].clamp(min=1)[:, None]).numpy()
-
-
-def finetune_genes(shard_dir: str | Path, out: str | Path, gene_labels: str | Path, opts: GeneTaskOptions) -> dict:
+def finetune_genes(shard_dir: str | Path, out: str | Path, gene_labels: str | Path, opts: GeneTaskOptions,
+                   *, overwrite: bool = False) -> dict:
     """k-fold cross-validation over genes: train a token classifier on the other folds' genes,
     score the held-out genes by their mean predicted probability, report ROC AUC per fold."""
     from sklearn.metrics import roc_auc_score, roc_curve
@@ -468,13 +572,13 @@ def finetune_genes(shard_dir: str | Path, out: str | Path, gene_labels: str | Pa
 
     from cellrank_fm.checkpoint import save_model_dir
     from cellrank_fm.model import BertForTokenClassification, preset_config
+    from cellrank_fm.outputs import check_new_directory, new_directory
     from cellrank_fm.plots import roc_png
     from cellrank_fm.shards import ShardSet, check_vocabulary
     from cellrank_fm.train import TrainConfig, train
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} already exists and is not empty; choose another --out or remove it.")
+    check_new_directory(out, overwrite)
     if (opts.from_model is None) == (opts.preset is None):
         raise UserError("give exactly one of --from MODEL_DIR (a pretrained model) or --preset NAME.")
     shards = ShardSet(shard_dir)
@@ -525,7 +629,9 @@ def finetune_genes(shard_dir: str | Path, out: str | Path, gene_labels: str | Pa
         task = GeneClassificationTask(tokens, token_class, opts.seed + k, weights)
         steps_per_epoch = max(1, len(task.plan(0, 0, 1, opts.tokens_per_batch)))
         max_steps = max(1, int(round(opts.epochs * steps_per_epoch)))
-        cfg_t = TrainConfig(lr=opts.lr, weight_decay=opts.weight_decay, max_steps=max_steps,
+        head_lr = scratch_lr(model.config.hidden_size)
+        lr = opts.lr or head_lr * (PRETRAINED_LR_FRACTION if opts.from_model is not None else 1.0)
+        cfg_t = TrainConfig(lr=lr, lr_scales=((HEAD[0], head_lr / lr), (EMBEDDINGS, EMBEDDING_LR_SCALE)), weight_decay=opts.weight_decay, max_steps=max_steps,
                             warmup_steps=int(opts.warmup_fraction * max_steps), tokens_per_batch=opts.tokens_per_batch,
                             eval_every=0, eval_at_start=False, log_every=max(1, min(10, steps_per_epoch)),
                             seed=opts.seed + k, device=opts.device, quiet=opts.quiet)
@@ -535,7 +641,7 @@ def finetune_genes(shard_dir: str | Path, out: str | Path, gene_labels: str | Pa
 
     folds = StratifiedKFold(n_splits=opts.folds, shuffle=True, random_state=opts.seed)
     results, curves = [], []
-    with atomic_path(out) as tmp:
+    with new_directory(out, overwrite), atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         for k, (tr, te) in enumerate(folds.split(genes, y)):
             model, max_steps = fit(tr, k, tmp / f"fold{k}")
@@ -563,7 +669,7 @@ def finetune_genes(shard_dir: str | Path, out: str | Path, gene_labels: str | Pa
                        extra_config={**shards.tokenization(), "task": "gene classification"}, gene_map=shards.gene_map)
         metrics["scored_genes"] = _write_gene_scores(model, tokens, seen, vocab, shards.symbols, classes,
                                                      dict(zip(genes, y)), tmp / "gene_scores.csv")
-        write_json(metrics, tmp / "metrics.json")
+        write_json(metrics, tmp / "metrics.json", indent=2)
     return metrics
 
 

@@ -21,6 +21,7 @@ than `min_size` such genes are dropped with a note.
 from __future__ import annotations
 
 import gzip
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -221,7 +222,7 @@ def _symbol_index(vocabulary: Mapping[str, int], symbols: Iterable[Mapping[str, 
 
 
 def load_gene_sets(
-    paths: Sequence[str | Path],
+    sources,
     vocabulary: Mapping[str, int],
     *,
     mapping=None,
@@ -231,8 +232,9 @@ def load_gene_sets(
     min_size: int = DEFAULT_MIN_SIZE,
     names: Sequence[str] | None = None,
 ) -> GeneSets:
-    """Read and resolve the sets of `paths` against what a model reads.
+    """Read and resolve gene sets against what a model reads.
 
+    `sources` is a file, a list of files, or a dict {set name: genes} (the API's in-memory sets).
     `mapping` is the model's `genes.GeneMapping` (symbols, aliases, retired IDs), `symbols` the
     ID -> symbol tables (the model's, the input's) used when the mapping does not know a label,
     `gene_set` the genes a gene-set model was trained on. `names` keeps only these sets (a name
@@ -240,15 +242,18 @@ def load_gene_sets(
     """
     from cellrank_fm.genes import resolve_label
 
-    if not paths:
-        raise UserError("no gene set file given; pass --gene-sets FILE.")
+    if isinstance(sources, Mapping):
+        paths = ["the given sets"]
+        raw = [RawSet(str(k), "", paths[0], [(str(g),) for g in v]) for k, v in sources.items()]
+    else:
+        paths = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+        raw = [s for path in paths for s in read_gene_sets(path, level)]
+    if not paths or not raw:
+        raise UserError("no gene set given; pass --gene-sets FILE.")
     if min_size < 1:
         raise UserError("--min-set-size must be at least 1.")
     readable = set(vocabulary) if gene_set is None else set(vocabulary).intersection(gene_set)
     by_symbol = _symbol_index(vocabulary, symbols)
-    raw: list[RawSet] = []
-    for path in paths:
-        raw.extend(read_gene_sets(path, level))
     seen: dict[str, str] = {}
     for s in raw:
         if s.name in seen:
@@ -311,11 +316,17 @@ def report(gene_sets: GeneSets, console=None, max_rows: int | None = None) -> No
                       f"vocabulary left out (--min-set-size): {names}{more}")
 
 
-def gene_sets_for_model(lm, paths: Sequence[str | Path], *, level: int | None = None,
-                        min_size: int = DEFAULT_MIN_SIZE, names: Sequence[str] | None = None,
-                        extra_symbols: Mapping[str, str] | None = None) -> GeneSets:
-    """`load_gene_sets` against a loaded model (`predict.LoadedModel`): its vocabulary, gene map,
-    symbols and gene set."""
-    return load_gene_sets(paths, lm.vocabulary, mapping=lm.mapping,
-                          symbols=[lm.info.symbols or {}, extra_symbols or {}],
+def gene_sets_for_model(lm, sources, *, level: int | None = None, min_size: int = DEFAULT_MIN_SIZE,
+                        names: Sequence[str] | None = None, extra_symbols: Mapping[str, str] | None = None,
+                        progress: bool = False) -> GeneSets:
+    """`load_gene_sets` against a loaded model (`inference.LoadedModel`, or anything with its
+    tokenization fields): its vocabulary, gene map, symbols and gene set; a `GeneSets` passes
+    through. With `progress`, each set's coverage is printed."""
+    if isinstance(sources, GeneSets):
+        return sources
+    sets = load_gene_sets(sources, lm.vocabulary, mapping=lm.mapping,
+                          symbols=[lm.symbols if hasattr(lm, "symbols") else (lm.info.symbols or {}), extra_symbols or {}],
                           gene_set=lm.gene_set, level=level, min_size=min_size, names=names)
+    if progress:
+        report(sets)
+    return sets

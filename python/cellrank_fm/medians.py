@@ -16,12 +16,13 @@ import numpy as np
 
 from cellrank_fm.errors import UserError, atomic_path
 from cellrank_fm.genes import build_plan, load_mapping, resolve_label
-from cellrank_fm.readers import expand_inputs, open_input
+from cellrank_fm.outputs import claiming
 from cellrank_fm.tokenize import (
     DEFAULT_CHUNK_CELLS,
     bad_value_error,
     chunk_counts,
     gene_labels,
+    input_sources,
     keep_freed_memory,
     obs_flags,
 )
@@ -30,13 +31,13 @@ from cellrank_fm.vocab import load_vocabulary, save_json_mapping
 SKETCH_MAGIC = b"CELLRANK-MEDIAN-SKETCH-1\n"
 
 
-def _universe(paths, vocab, mapping, gene_id_column, layer, orientation) -> list[str]:
+def _universe(sources, vocab, mapping, gene_id_column) -> list[str]:
     """Genes to sketch: the vocabulary's genes, or every gene ID resolved in the inputs."""
     if vocab is not None:
         return [g for g in vocab if not g.startswith("<")]
     genes: set[str] = set()
-    for path in paths:
-        with open_input(path, layer, orientation) as reader:
+    for _, reopen, _ in sources:
+        with reopen() as reader:
             labels, _ = gene_labels(reader, gene_id_column)
             genes.update(g for g in (resolve_label(str(x), mapping, {}) for x in labels) if g)
     if not genes:
@@ -44,8 +45,9 @@ def _universe(paths, vocab, mapping, gene_id_column, layer, orientation) -> list
     return sorted(genes)
 
 
+@claiming("out", "sketch_out")
 def compute_medians(
-    inputs: Sequence[str | Path],
+    inputs,
     out: str | Path | None,
     *,
     vocab_path: str | Path | None = None,
@@ -58,22 +60,22 @@ def compute_medians(
     chunk_cells: int = DEFAULT_CHUNK_CELLS,
     quiet: bool = False,
 ) -> dict[str, float]:
-    """Stream the inputs once and return (and write, when `out` is given) gene -> median."""
+    """Stream the inputs (files, directories, AnnData objects) once and return (and write, when
+    `out` is given) gene -> median."""
     from cellrank_fm._core import MedianSketch
     from cellrank_fm.progress import progress_bar
 
-    if out is None and sketch_out is None:
-        raise UserError("give --out for the medians, --sketch-out for a sketch, or both")
     keep_freed_memory()
-    paths = expand_inputs(inputs)
-    vocab = load_vocabulary(vocab_path) if vocab_path else None
+    sources = input_sources(inputs, layer, orientation)
+    paths = [p for p, _, _ in sources]
+    vocab = dict(vocab_path) if isinstance(vocab_path, dict) else load_vocabulary(vocab_path) if vocab_path else None
     mapping = load_mapping(list(mapping_paths)) if mapping_paths else None
-    genes = _universe(paths, vocab, mapping, gene_id_column, layer, orientation)
+    genes = _universe(sources, vocab, mapping, gene_id_column)
     index = {g: i for i, g in enumerate(genes)}
     ones = {g: 1.0 for g in genes}
     sketch = MedianSketch(len(genes), relative_accuracy)
     cells = 0
-    readers = [open_input(p, layer, orientation) for p in paths]
+    readers = [reopen() for _, reopen, _ in sources]
     try:
         with progress_bar("cells", quiet=quiet) as bar:
             task = bar.add_task("sketching medians", total=sum(r.n_rows for r in readers))
@@ -154,6 +156,7 @@ def load_sketch(path: str | Path):
     return sketch, header
 
 
+@claiming("out", "sketch_out")
 def merge_sketches(paths: Sequence[str | Path], out: str | Path | None, sketch_out: str | Path | None = None) -> dict[str, float]:
     """Merge sketches made over the same gene list; write medians and/or the merged sketch."""
     if len(paths) < 1:

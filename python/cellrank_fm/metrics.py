@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
-
-from cellrank_fm.errors import atomic_path
 
 
 def classification_metrics(y_true, y_pred, classes: list[str]) -> dict:
@@ -38,19 +33,6 @@ def classification_metrics(y_true, y_pred, classes: list[str]) -> dict:
         },
         "confusion_matrix": cm.tolist(),
     }
-
-
-def write_json(obj: dict, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
-
-
-def _jsonable(x):
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
 def metrics_table(results: dict[str, dict], title: str = "test split"):

@@ -142,10 +142,13 @@ class ModelConfig:
 
 # vocab_size None = taken from the shards the model is trained on.
 PRESETS: dict[str, dict[str, Any]] = {
+    # Weights start at std 0.1 (about 1/√64), not BERT's 0.02, which suits 768-wide models: at
+    # 0.02 a 64-wide model's tied gene embeddings give every gene almost the same logit, and
+    # masked-gene training sits on the gene-frequency plateau for hundreds of steps.
     "tiny": dict(
         vocab_size=None, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=128, max_position_embeddings=4096, hidden_act="relu",
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.1,
     ),
     # Theodoris et al. 2023 (Geneformer V1, Genecorpus-30M).
     "geneformer-v1": dict(

@@ -288,6 +288,10 @@ class PathwayResult:
         sub = self.importance[self.importance["class"] == cls]
         return list(sub.sort_values("mean_abs_shap", ascending=False, kind="stable")["pathway"].head(k))
 
+    def summary(self, top: int = 3):
+        """A rich Table: per class, the top sets with mean |SHAP| and FDR."""
+        return summary_table(self, top=top)
+
     def write_into(self, directory: Path, top: int = 20) -> None:
         """pathway_importance.parquet/.csv, pathway_values.parquet, pathway_cells.parquet,
         gene_sets.csv and the PNGs, into an existing directory."""

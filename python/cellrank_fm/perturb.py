@@ -19,25 +19,57 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from cellrank_fm.errors import UserError, atomic_path
-from cellrank_fm.explain import Cells, Evaluator, coalition_sequences
+from cellrank_fm.explain import Evaluator, coalition_sequences
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from cellrank_fm.inference import Cells
 
 MODES = ("delete", "overexpress")
 
 
 @dataclass
 class PerturbResult:
-    genes: "object"  # pandas.DataFrame: per gene (or set) statistics
-    shifts: "object"  # pandas.DataFrame: per cell × gene shifts
+    """Shifts of perturbed cells toward the goal state, as tables, with `.plot()` and `.write()`.
+
+    - `genes`: per gene (or set): `gene_id`, `gene_symbol`, `n_cells`, `mean_shift_goal`,
+      `median_shift_goal`, `mean_shift_<state>` per alternative state, `p_value`, `fdr`,
+      `null_mean_shift_goal`; strongest first;
+    - `shifts`: every cell × gene shift (`cell_id`, `shift_goal`, ..., `is_null`, `gene_id`).
+    """
+
+    genes: pd.DataFrame
+    shifts: pd.DataFrame
     settings: dict = field(default_factory=dict)
+
+    def plot(self, top: int = 20, ax=None):
+        """Volcano plot (mean shift toward the goal vs −log10 FDR); returns the matplotlib Axes."""
+        from cellrank_fm.plots import new_axes
+
+        ax = ax if ax is not None else new_axes(PLOT_SIZE)
+        draw_shifts(ax, self, top=top)
+        return ax
+
+    def write(self, out_dir: str | Path, top: int = 20, overwrite: bool = False) -> Path:
+        """genes.parquet/.csv, shifts.parquet, settings.json and shifts.png, written whole or not at
+        all; an existing non-empty `out_dir` is refused unless `overwrite`."""
+        return write_outputs(self, out_dir, top=top, overwrite=overwrite)
+
+    def summary(self, top: int = 10):
+        """A rich Table of the strongest genes."""
+        return summary_table(self, top=top)
 
 
 def resolve_genes(names: Sequence[str], vocabulary: dict[str, int], symbols: dict[str, str] | None) -> list[str]:
     """Ensembl IDs (any case, version suffix ignored) or symbols → vocabulary gene IDs."""
+    from cellrank_fm.genes import normalise_id
+
     by_symbol: dict[str, str] = {}
     for gid, sym in (symbols or {}).items():
         if gid in vocabulary:  # an input's var may also map symbols to themselves
@@ -45,7 +77,7 @@ def resolve_genes(names: Sequence[str], vocabulary: dict[str, int], symbols: dic
     out, missing = [], []
     for name in names:
         key = name.strip()
-        gid = key.upper().split(".")[0] if key.upper().startswith("ENS") else None
+        gid = normalise_id(key)
         if gid is None or gid not in vocabulary:
             gid = by_symbol.get(key.upper())
         if gid is None or gid not in vocabulary:
@@ -74,7 +106,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a @ b) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b) + 1e-12)
 
 
-def perturb(
+def perturb_cells(
     evaluator: Evaluator,
     cells: Cells,
     *,
@@ -91,12 +123,14 @@ def perturb(
     gene_sets=None,
     seed: int = 0,
     chunk_tokens: int = 1 << 20,
+    symbols: dict[str, str] | None = None,
     quiet: bool = False,
 ) -> PerturbResult:
     """Perturb the start-state cells; `genes` None means every gene they express.
 
     With `gene_sets` (`genesets.GeneSets`) each whole set is perturbed instead, against random
     expressed-gene sets of its expressed size; the tables then name a `pathway` per row.
+    `symbols` (gene ID -> symbol, for display) defaults to the model's.
     """
     import pandas as pd
     from scipy.stats import false_discovery_control, mannwhitneyu
@@ -116,7 +150,7 @@ def perturb(
         raise UserError("the goal state must differ from the start state.")
     vocab = evaluator.info.vocabulary or {}
     inv = {v: k for k, v in vocab.items()}
-    symbols = evaluator.info.symbols or {}
+    symbols = symbols if symbols is not None else (evaluator.info.symbols or {})
     rng = np.random.default_rng(seed)
 
     def centroid(state: str) -> np.ndarray:
@@ -158,7 +192,10 @@ def perturb(
         if groups is None:
             plans.append([(int(t), np.array([p])) for p, t in enumerate(g)])
             continue
-        hits = lambda toks, pos=pos: np.array([pos[int(t)] for t in toks if int(t) in pos], dtype=np.int64)  # noqa: E731
+
+        def hits(toks, pos=pos):
+            return np.array([pos[int(t)] for t in toks if int(t) in pos], dtype=np.int64)
+
         plan = [(("g", i), hits(t)) for i, (_, t) in enumerate(groups)]
         plan += [(("null", n, j), hits(d)) for n, draws in enumerate(null_draws) for j, d in enumerate(draws)]
         plans.append([(k, p) for k, p in plan if len(p)])
@@ -257,27 +294,37 @@ def _as_pathways(table, shifts, gene_sets, expressed: dict[str, int]):
     return table, shifts.rename(columns={"gene_id": "pathway"}).drop(columns=["gene_symbol"])
 
 
-def write_outputs(result: PerturbResult, out_dir: str | Path, top: int = 20) -> Path:
+def write_outputs(result: PerturbResult, out_dir: str | Path, top: int = 20, overwrite: bool = False) -> Path:
     """genes.parquet/.csv (pathways.parquet/.csv for gene sets), shifts.parquet, settings.json and
     a PNG, all or nothing."""
-    import json
+    from cellrank_fm.errors import write_json
+    from cellrank_fm.outputs import new_directory
 
     out_dir = Path(out_dir)
     name = "pathways" if "pathway" in result.genes.columns else "genes"
-    with atomic_path(out_dir) as tmp:
+    with new_directory(out_dir, overwrite), atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         result.genes.to_parquet(tmp / f"{name}.parquet", index=False)
         result.genes.to_csv(tmp / f"{name}.csv", index=False)
         result.shifts.to_parquet(tmp / "shifts.parquet", index=False)
-        (tmp / "settings.json").write_text(json.dumps(result.settings, indent=1) + "\n")
+        write_json(result.settings, tmp / "settings.json")
         plot_shifts(result, tmp / "shifts.png", top=top)
     return out_dir
 
 
+PLOT_SIZE = (7, 5)
+
+
 def plot_shifts(result: PerturbResult, path: Path, top: int = 20) -> None:
-    """Volcano: mean shift toward the goal vs −log10 FDR; the `top` strongest genes labelled."""
+    """The volcano plot as a PNG."""
     from cellrank_fm.plots import png_figure
 
+    with png_figure(path, size=PLOT_SIZE) as (fig, ax):
+        draw_shifts(ax, result, top)
+
+
+def draw_shifts(ax, result: PerturbResult, top: int = 20) -> None:
+    """Volcano: mean shift toward the goal vs −log10 FDR; the `top` strongest genes labelled."""
     t = result.genes
     names = t["pathway"] if "pathway" in t.columns else t["gene_symbol"]
     fdr = t["fdr"].fillna(1.0).clip(lower=1e-300).to_numpy()
@@ -285,17 +332,16 @@ def plot_shifts(result: PerturbResult, path: Path, top: int = 20) -> None:
     x = t["mean_shift_goal"].to_numpy()
     sig = fdr < 0.05
     s = result.settings
-    with png_figure(path, size=(7, 5)) as (fig, ax):
-        ax.scatter(x[~sig], y[~sig], s=8, color="#bbbbbb", linewidths=0, label="FDR ≥ 0.05")
-        ax.scatter(x[sig], y[sig], s=12, color="#cc3311", linewidths=0, label="FDR < 0.05")
-        ax.axhline(-np.log10(0.05), color="grey", linestyle="--", linewidth=0.7)
-        ax.axvline(float(t["null_mean_shift_goal"].median()) if len(t) else 0.0, color="grey", linewidth=0.7)
-        for i in np.argsort(-y + -np.abs(x) * 1e-9)[:top]:
-            ax.annotate(str(names.iloc[i]), (x[i], y[i]), fontsize=7, xytext=(2, 2), textcoords="offset points")
-        ax.set_xlabel(f"mean cosine shift toward {s['goal_state']} ({s['mode']})")
-        ax.set_ylabel("−log10 FDR (rank-sum vs null)")
-        ax.set_title(f"{s['start_state']} → {s['goal_state']}: in silico {s['mode']}")
-        ax.legend(fontsize=7, frameon=False)
+    ax.scatter(x[~sig], y[~sig], s=8, color="#bbbbbb", linewidths=0, label="FDR ≥ 0.05")
+    ax.scatter(x[sig], y[sig], s=12, color="#cc3311", linewidths=0, label="FDR < 0.05")
+    ax.axhline(-np.log10(0.05), color="grey", linestyle="--", linewidth=0.7)
+    ax.axvline(float(t["null_mean_shift_goal"].median()) if len(t) else 0.0, color="grey", linewidth=0.7)
+    for i in np.argsort(-y + -np.abs(x) * 1e-9)[:top]:
+        ax.annotate(str(names.iloc[i]), (x[i], y[i]), fontsize=7, xytext=(2, 2), textcoords="offset points")
+    ax.set_xlabel(f"mean cosine shift toward {s['goal_state']} ({s['mode']})")
+    ax.set_ylabel("−log10 FDR (rank-sum vs null)")
+    ax.set_title(f"{s['start_state']} → {s['goal_state']}: in silico {s['mode']}")
+    ax.legend(fontsize=7, frameon=False)
 
 
 def summary_table(result: PerturbResult, top: int = 10):

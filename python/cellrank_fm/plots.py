@@ -12,19 +12,26 @@ from cellrank_fm.errors import atomic_path
 
 @contextmanager
 def png_figure(path: str | Path, size=(6, 5), dpi: int = 150):
-    import matplotlib
+    """A figure and axes to draw on, saved as a PNG at `path` when the block ends.
 
-    matplotlib.use("Agg", force=True)
+    A bare matplotlib Figure (no pyplot), so writing files never changes the backend a
+    notebook session draws with.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    ax = fig.subplots()
+    yield fig, ax
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+
+
+def new_axes(size=(6, 5)):
+    """Axes on a new pyplot figure, for interactive use (a notebook shows it)."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=size)
-    try:
-        yield fig, ax
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, format="png")
-    finally:
-        plt.close(fig)
+    return plt.subplots(figsize=size)[1]
 
 
 def confusion_matrix_png(cm, classes: list[str], path: str | Path, title: str = "") -> None:
@@ -67,9 +74,9 @@ def scatter_png(coords, values, path: str | Path, title: str = "", legend_title:
                 fig.colorbar(sc, ax=ax, label=legend_title)
             else:
                 cats = sorted({str(v) for v in vals})
-                import matplotlib.pyplot as plt
+                import matplotlib
 
-                cmap = plt.get_cmap("tab20" if len(cats) > 10 else "tab10")
+                cmap = matplotlib.colormaps["tab20" if len(cats) > 10 else "tab10"]
                 strs = np.array([str(v) for v in vals])
                 for i, c in enumerate(cats):
                     m = strs == c
@@ -102,14 +109,22 @@ def roc_png(curves: list[tuple[np.ndarray, np.ndarray, str]], path: str | Path, 
 def bar_png(names: list[str], values, path: str | Path, title: str = "", xlabel: str = "",
             errors=None) -> None:
     """Horizontal bars, first name on top (e.g. genes ranked by importance)."""
+    with png_figure(path, size=bar_size(len(names))) as (fig, ax):
+        draw_bars(ax, names, values, title, xlabel, errors)
+
+
+def bar_size(n_bars: int) -> tuple[float, float]:
+    return (6, max(3.0, 0.28 * n_bars + 1.2))
+
+
+def draw_bars(ax, names: list[str], values, title: str = "", xlabel: str = "", errors=None) -> None:
     values = np.asarray(values, dtype=float)
-    with png_figure(path, size=(6, max(3.0, 0.28 * len(names) + 1.2))) as (fig, ax):
-        y = np.arange(len(names))[::-1]
-        ax.barh(y, values, xerr=errors, color="#4477aa")
-        ax.set_yticks(y, names, fontsize=8)
-        ax.set_xlabel(xlabel)
-        if title:
-            ax.set_title(title)
+    y = np.arange(len(names))[::-1]
+    ax.barh(y, values, xerr=errors, color="#4477aa")
+    ax.set_yticks(y, names, fontsize=8)
+    ax.set_xlabel(xlabel)
+    if title:
+        ax.set_title(title)
 
 
 def curve_png(series: dict[str, tuple[list, list]], path: str | Path, xlabel: str = "step",

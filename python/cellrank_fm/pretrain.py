@@ -11,7 +11,10 @@ top ranks are dominated by a few ubiquitous genes) and the most frequent token o
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +24,23 @@ import torch
 
 from cellrank_fm.batching import MaskingSpec, pack_masked, token_budget_batches
 from cellrank_fm.checkpoint import is_model_dir, load_model_dir, read_config, save_model_dir
-from cellrank_fm.errors import UserError
+from cellrank_fm.errors import UserError, warn, write_json
 from cellrank_fm.model import BertForMaskedLM, ModelConfig, preset_config
-from cellrank_fm.shards import ShardSet, check_vocabulary
-from cellrank_fm.train import STATE, TrainConfig, train
+from cellrank_fm.outputs import Claim, claim
+from cellrank_fm.shards import CACHE_TOKENS, ShardSet, check_vocabulary
+from cellrank_fm.train import METRICS, STATE, TrainConfig, train
 
 BASELINE_TOKEN_BUDGET = 5_000_000  # tokens of training cells used to count frequencies
+
+
+def default_lr(cfg: ModelConfig) -> float:
+    """Peak learning rate for pretraining: 3e-3 at width 64, inversely proportional to the width.
+
+    Adam moves every weight by about the learning rate per step, and a layer's output changes
+    with the sum over its inputs, so the rate that keeps updates the same size falls as 1/width
+    (0.75e-3 at Geneformer V1's 256, close to the 1e-3 it was trained with; 2.5e-4 at 768).
+    """
+    return 3e-3 * 64 / cfg.hidden_size
 
 
 def masking_spec(shards: ShardSet, vocab_size: int) -> MaskingSpec:
@@ -67,10 +81,13 @@ class MaskedGeneTask:
     # -- training data
 
     def plan(self, epoch: int, rank: int, world_size: int, tokens_per_batch: int) -> list[np.ndarray]:
-        """Batches part by part (one part in memory at a time), in a seeded order.
+        """Batches of cells mixed across parts, a group of parts at a time, in a seeded order.
 
-        With at least as many parts as ranks, each rank reads only its own parts; otherwise
-        each rank takes every world_size-th batch of each part.
+        A shard set tokenized from several inputs holds one input per part; drawing batches
+        part by part would train on one dataset after another and drift with each. So the parts
+        (in a seeded order) are grouped up to what the shard cache holds in memory, and each
+        group's cells are shuffled together. With at least as many parts as ranks, each rank
+        reads only its own parts; otherwise each rank takes every world_size-th batch.
         """
         self.rank = rank
         rng = np.random.default_rng([self.seed, epoch])
@@ -78,9 +95,18 @@ class MaskedGeneTask:
         parts = np.unique(part_of)
         split_parts = len(parts) >= world_size
         mine = parts[rank::world_size] if split_parts else parts
-        items: list[np.ndarray] = []
+        sizes = self.shards.part_token_counts
+        groups: list[list[int]] = []
+        held = 0
         for part in rng.permutation(mine):
-            cells = self.train_cells[part_of == part]
+            if not groups or held + sizes[part] > CACHE_TOKENS:
+                groups.append([])
+                held = 0
+            groups[-1].append(int(part))
+            held += int(sizes[part])
+        items: list[np.ndarray] = []
+        for group in groups:
+            cells = self.train_cells[np.isin(part_of, group)]
             batches = token_budget_batches(
                 self.shards.lengths[cells], tokens_per_batch, shuffle=True, seed=int(rng.integers(2**31))
             )
@@ -207,19 +233,59 @@ def pretrain(
     val_fraction: float = 0.05,
     val_max_cells: int = 5000,
     resume: bool = False,
+    overwrite: bool = False,
     train_config: TrainConfig | None = None,
 ) -> dict:
     """Pretrain on `shards_dir`, writing the model directory `out`; returns the run summary."""
+    # Rank 0 owns the output; under torchrun the other ranks only read it.
+    with claim(out, enabled=int(os.environ.get("RANK", "0")) == 0) as output:
+        return _pretrain(shards_dir, Path(out), output, preset=preset, config=config, from_dir=from_dir,
+                         val_shards_dir=val_shards_dir, val_fraction=val_fraction, val_max_cells=val_max_cells,
+                         resume=resume, overwrite=overwrite, train_config=train_config)
+
+
+def _note(output: Claim, message: str) -> None:
+    if output.enabled:
+        print(f"note: {message}", file=sys.stderr)
+
+
+def _prepare_out(out: Path, output: Claim, resume: bool, overwrite: bool) -> bool:
+    """Whether to resume: checks what `out` holds, clearing it where that is safe or asked for."""
+    has_state = (out / STATE).is_file()
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    # A run killed before its first checkpoint leaves only its log: nothing to resume or keep.
+    if held == [METRICS] and not has_state and not overwrite:
+        _note(output, f"{out} holds no checkpoint{' to resume' if resume else ''}, only the log of a run stopped "
+                      "before its first one; starting from scratch")
+        overwrite = True
+    if resume and not has_state:
+        if held and not overwrite:
+            what = "a model without its training state (trainer_state.pt)" if is_model_dir(out) else "files"
+            raise UserError(f"{out} holds {what}, so there is no run to resume; pass --overwrite to start again "
+                            "there or choose another --out.")
+        if not overwrite:
+            _note(output, f"{out} holds no checkpoint to resume; starting from scratch")
+        resume = False
+    if not resume and held:
+        if not overwrite:
+            what = "a model" if is_model_dir(out) else "files"
+            raise UserError(f"{out} already holds {what}; pass --resume to continue training there, --overwrite to "
+                            "replace it, or choose another --out.")
+        if output.enabled:
+            shutil.rmtree(out)
+            output.replaced()
+    return resume
+
+
+def _pretrain(shards_dir, out: Path, output: Claim, *, preset, config, from_dir, val_shards_dir, val_fraction,
+              val_max_cells, resume, overwrite, train_config) -> dict:
     cfg = train_config or TrainConfig()
-    out = Path(out)
     shards = ShardSet(shards_dir)
-    if resume and not (out / STATE).is_file():
-        raise UserError(f"{out} holds no training run to resume; start without --resume.")
-    if not resume and out.exists() and any(out.iterdir()):
-        what = "a model" if is_model_dir(out) else "files"
-        raise UserError(f"{out} already holds {what}; pass --resume to continue training there or choose another --out.")
+    resume = _prepare_out(out, output, resume, overwrite)
     torch.manual_seed(cfg.seed)  # the initial weights
     model = build_model(shards, out, preset, config, from_dir, resume)
+    if cfg.lr is None:
+        cfg = dataclasses.replace(cfg, lr=default_lr(model.config))
     spec = masking_spec(shards, model.config.vocab_size)
     if val_shards_dir:
         val_shards = ShardSet(val_shards_dir)
@@ -234,13 +300,34 @@ def pretrain(
         shards=shards, train_cells=train_cells, val_shards=val_shards, val_cells=val_cells, spec=spec,
         seed=cfg.seed, model_extra={"task": "masked-gene", **shards.tokenization()}, eval_tokens_per_batch=cfg.tokens_per_batch,
     )
-    created = not out.exists()
     try:
         summary = train(model, task, cfg, out, resume=resume)
     except BaseException:
-        if created and not (out / STATE).exists():
-            shutil.rmtree(out, ignore_errors=True)  # nothing worth keeping was written
+        if (out / STATE).exists():
+            output.keep()  # a checkpoint is worth resuming from, whatever stopped the run
         raise
     summary["train_cells"], summary["val_cells"] = len(train_cells), len(val_cells)
     summary["parameters"] = model.num_parameters()
+    summary["warnings"] = learning_check(summary["last_eval"])
+    if output.enabled:
+        write_json({"steps": summary["step"], "lr": cfg.lr, **summary["last_eval"], "warnings": summary["warnings"]},
+                   out / PRETRAIN_METRICS)
     return summary
+
+
+PRETRAIN_METRICS = "metrics.json"
+
+
+def learning_check(last_eval: dict) -> list[str]:
+    """Warn (and return the warnings) when the model predicts masked genes no better than
+    guessing each rank's most frequent gene: it has then learned gene frequencies, not cells."""
+    acc, base = last_eval.get("accuracy"), last_eval.get("baseline_position_accuracy")
+    if acc is None or base is None or acc > base:
+        return []
+    found: list[str] = []
+    warn(f"masked-gene accuracy {acc:.4f} is not above the frequency baseline {base:.4f} (the most frequent "
+         "gene at each rank): the model has learned gene frequencies only. Likely causes: too few steps for "
+         "the data (raise --max-steps), a learning rate too low or too high for the model (--lr; the default "
+         "scales with the width), or a model initialised for a larger width (initializer_range in --config). "
+         "Fine-tuning from it will do no better than training from scratch.", found)
+    return found

@@ -12,8 +12,10 @@ samples, not millions of cells) and Matrix Market files whose entries are not gr
 
 from __future__ import annotations
 
+import functools
 import gzip
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,6 +26,43 @@ from cellrank_fm.errors import UserError
 
 # Dense inputs are read in blocks of at most this many values so memory stays bounded.
 DENSE_BLOCK_VALUES = 32_000_000
+# What parsing a damaged or truncated file raises (h5py, gzip, pandas, our own indexing); any
+# of them while reading an input is the file's fault, and becomes one sentence naming it.
+FILE_ERRORS = (OSError, KeyError, ValueError, TypeError, IndexError, EOFError, RuntimeError,
+               OverflowError, zlib.error)
+# The value dtypes the Rust core takes as they are; others are converted first.
+CORE_DTYPES = {np.dtype(t) for t in ("float32", "float64", "int32", "int64", "uint16", "uint32")}
+
+
+def unreadable(path, err: BaseException, where: str = "") -> UserError:
+    what = (str(err).strip().splitlines() or [""])[0][:200] or type(err).__name__
+    return UserError(f"{path} could not be read{where} ({what}); the file may be damaged or truncated")
+
+
+def _file_errors(method):
+    """Reader methods that touch the file: its parse errors become one sentence naming it."""
+
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except UserError:
+            raise
+        except FILE_ERRORS as err:
+            raise unreadable(self.path, err) from None
+
+    return wrapped
+
+
+def _stored_range(path, indptr: np.ndarray, nnz: int, start: int, stop: int) -> tuple[int, int]:
+    """The stored values rows start..stop span, checked against the file before it is sliced."""
+    if len(indptr) != stop - start + 1:
+        raise UserError(f"{path}: the row pointer (indptr) ends before row {stop}; the file is damaged or truncated")
+    a, b = int(indptr[0]), int(indptr[-1])
+    if not 0 <= a <= b <= nnz:
+        raise UserError(f"{path}: the row pointer (indptr) of rows {start}-{stop} points outside the {nnz} "
+                        "stored values; the file is damaged")
+    return a, b
 
 
 @dataclass
@@ -63,12 +102,49 @@ class MatrixReader:
         return []
 
     def read(self, start: int, stop: int, obs: Sequence[str] = ()) -> Chunk:
+        """Rows [start, stop) as a chunk whose structure has been checked (see `_checked`)."""
         try:
-            return self._read(start, stop, obs)
-        except (OSError, KeyError, ValueError) as err:
-            if isinstance(err, UserError):
-                raise
-            raise UserError(f"{self.path} could not be read at rows {start}-{stop} ({err}); the file may be damaged or truncated") from None
+            chunk = self._read(start, stop, obs)
+        except UserError:
+            raise
+        except FILE_ERRORS as err:
+            raise unreadable(self.path, err, f" at rows {start}-{stop}") from None
+        return self._checked(chunk, start, stop)
+
+    def _checked(self, chunk: Chunk, start: int, stop: int) -> Chunk:
+        """Refuse a chunk a damaged file produced before any of its values is used.
+
+        Every consumer indexes by these buffers (shares of counts, totals, the Rust core), so
+        the checks sit here, once for every reader: row and name counts, dtypes, and in the
+        Rust core the CSR structure (row pointer monotone and consistent with the stored
+        values, every column index among the genes).
+        """
+        from cellrank_fm import _core
+
+        rows = stop - start
+        damaged = "; the file is damaged or truncated"
+        if chunk.n_rows != rows or len(chunk.cell_ids) != rows:
+            raise UserError(f"{self.path}: rows {start}-{stop} came back as {chunk.n_rows} rows with "
+                            f"{len(chunk.cell_ids)} cell names{damaged}")
+        for name, values in chunk.obs.items():
+            if len(values) != rows:
+                raise UserError(f"{self.path}: cell column {name!r} holds {len(values)} values for rows "
+                                f"{start}-{stop}{damaged}")
+        indptr, indices, data = (np.asarray(a) for a in (chunk.indptr, chunk.indices, chunk.data))
+        if indptr.dtype.kind not in "iu" or indices.dtype.kind not in "iu" or data.dtype.kind not in "iufb":
+            raise UserError(f"{self.path}: the matrix has {data.dtype} values with {indices.dtype} indices{damaged}")
+        if indptr.dtype != np.int64:
+            indptr = indptr.astype(np.int64)
+        if indices.dtype not in (np.int32, np.int64):
+            indices = indices.astype(np.int64)  # a uint64 past int64 wraps negative: refused below
+        if data.dtype not in CORE_DTYPES:
+            data = data.astype(np.float64)
+        bad = _core.check_csr(np.ascontiguousarray(indptr), np.ascontiguousarray(indices), len(data), self.n_cols)
+        if bad is not None:
+            row, problem = bad
+            raise UserError(f"{self.path} is damaged at cell {start + row}: {problem}")
+        chunk.indptr, chunk.indices, chunk.data = indptr, np.ascontiguousarray(indices), np.ascontiguousarray(data)
+        return chunk
 
     def _read(self, start: int, stop: int, obs: Sequence[str]) -> Chunk:  # pragma: no cover
         raise NotImplementedError
@@ -102,8 +178,18 @@ def _dense_to_csr(block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return indptr, cols.astype(np.int32), block[rows, cols]
 
 
-def _decode(values) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+def _decode(values, where: str) -> list[str]:
+    """Names stored as bytes or str, as str; `where` (file: dataset) names non-UTF-8 text."""
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, bytes):
+            try:
+                v = v.decode()
+            except UnicodeDecodeError:
+                raise UserError(f"{where} holds a name that is not UTF-8 text (entry {i}: {v[:40]!r}); "
+                                "re-save the file with UTF-8 names") from None
+        out.append(str(v))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +249,7 @@ class _H5Frame:
                 if name not in self._categories:
                     cats = item["categories"]
                     self._categories[name] = np.array(
-                        _decode(cats[:]) if cats.dtype.kind in "OS" else cats[:], dtype=object
+                        _decode(cats[:], f"{self.path}: {cats.name}") if cats.dtype.kind in "OS" else cats[:], dtype=object
                     )
                 cats = self._categories[name]
                 codes = item["codes"][sl]
@@ -175,7 +261,7 @@ class _H5Frame:
             if "values" in item:  # nullable integer / boolean / string array
                 values = item["values"][sl]
                 if values.dtype.kind in "OS":
-                    values = np.array(_decode(values), dtype=object)
+                    values = np.array(_decode(values, f"{self.path}: {item.name}"), dtype=object)
                 if "mask" in item:
                     mask = item["mask"][sl]
                     values = values.astype(object)
@@ -184,7 +270,7 @@ class _H5Frame:
             raise UserError(f"{self.path}: {self.what} column {name!r} has an unsupported encoding {enc!r}")
         values = item[sl]
         if values.dtype.kind in "OS":
-            return _decode(values)
+            return _decode(values, f"{self.path}: {item.name}")
         return values
 
 
@@ -268,6 +354,10 @@ class H5adReader(MatrixReader):
                 raise UserError(f"{path}: {where} has an unsupported encoding {enc!r}")
             self.dense = None
             self.indptr_ds, self.indices_ds, self.data_ds = x["indptr"], x["indices"], x["data"]
+            self.nnz = min(len(self.indices_ds), len(self.data_ds))
+            if len(shape) != 2 or min(shape) < 0 or len(self.indptr_ds) != shape[0] + 1:
+                raise UserError(f"{path}: {where}/indptr has {len(self.indptr_ds)} entries for a matrix of shape "
+                                f"{shape}; the file is damaged")
             if _ContiguousReader.usable(self.indices_ds) and _ContiguousReader.usable(self.data_ds):
                 import os
 
@@ -288,6 +378,7 @@ class H5adReader(MatrixReader):
     def var_columns(self) -> list[str]:
         return list(self.var.columns)
 
+    @_file_errors
     def var_column(self, name: str) -> list[str]:
         if name not in self.var.columns and (self.var.group is None or name not in self.var.group):
             raise UserError(self._missing_var(name))
@@ -296,6 +387,7 @@ class H5adReader(MatrixReader):
     def obs_columns(self) -> list[str]:
         return list(self.obs.columns)
 
+    @_file_errors
     def obs_column(self, name: str, start: int, stop: int):
         return self.obs.column(name, start, stop)
 
@@ -306,7 +398,7 @@ class H5adReader(MatrixReader):
             indptr, indices, data = _dense_to_csr(np.asarray(self.dense[start:stop]))
         else:
             indptr = self.indptr_ds[start : stop + 1].astype(np.int64)
-            a, b = int(indptr[0]), int(indptr[-1])
+            a, b = _stored_range(self.path, indptr, self.nnz, start, stop)
             indices = self.indices_ds[a:b]
             data = self.data_ds[a:b]
         cells = self.obs.index(start, stop)
@@ -348,24 +440,26 @@ class LoomReader(MatrixReader):
         self.rows = f["row_attrs"]
         self.cols = f["col_attrs"]
         gene_key = next((k for k in ("Gene", "gene_ids", "var_names", "Accession", "ensembl_id") if k in self.rows), None)
-        self.var_names = _decode(self.rows[gene_key][:]) if gene_key else [str(i) for i in range(self.n_cols)]
+        self.var_names = _decode(self.rows[gene_key][:], f"{path}: row_attrs/{gene_key}") if gene_key else [str(i) for i in range(self.n_cols)]
         self.cell_key = next((k for k in ("CellID", "obs_names", "cell_id") if k in self.cols), None)
         self.max_rows_per_read = max(1, DENSE_BLOCK_VALUES // max(1, self.n_cols))
 
     def var_columns(self) -> list[str]:
         return list(self.rows.keys())
 
+    @_file_errors
     def var_column(self, name: str) -> list[str]:
         if name not in self.rows:
             raise UserError(self._missing_var(name))
-        return _decode(self.rows[name][:])
+        return _decode(self.rows[name][:], f"{self.path}: row_attrs/{name}")
 
     def obs_columns(self) -> list[str]:
         return list(self.cols.keys())
 
+    @_file_errors
     def obs_column(self, name: str, start: int, stop: int):
         values = self.cols[name][start:stop]
-        return _decode(values) if values.dtype.kind in "OS" else values
+        return _decode(values, f"{self.path}: col_attrs/{name}") if values.dtype.kind in "OS" else values
 
     def _read(self, start, stop, obs):
         block = np.ascontiguousarray(np.asarray(self.mat[:, start:stop]).T)
@@ -401,20 +495,23 @@ class TenxH5Reader(MatrixReader):
             feats = g.get("features")
             if feats is None:
                 raise UserError(f"{path} is not a Cell Ranger h5 file (matrix/features is missing)")
-            self.columns = {"gene_ids": _decode(feats["id"][:]), "gene_symbols": _decode(feats["name"][:])}
+            self.columns = {"gene_ids": _decode(feats["id"][:], f"{path}: matrix/features/id"),
+                            "gene_symbols": _decode(feats["name"][:], f"{path}: matrix/features/name")}
             if "feature_type" in feats:
-                self.columns["feature_types"] = _decode(feats["feature_type"][:])
+                self.columns["feature_types"] = _decode(feats["feature_type"][:], f"{path}: matrix/features/feature_type")
         else:
             groups = [k for k in f.keys() if "barcodes" in f[k]]
             if not groups:
                 raise UserError(f"{path} is neither AnnData nor a Cell Ranger h5 file; use .h5ad for AnnData")
             g = f[groups[0]]
-            self.columns = {"gene_ids": _decode(g["genes"][:]), "gene_symbols": _decode(g["gene_names"][:])}
+            self.columns = {"gene_ids": _decode(g["genes"][:], f"{path}: {g.name}/genes"),
+                            "gene_symbols": _decode(g["gene_names"][:], f"{path}: {g.name}/gene_names")}
         self.g = g
         n_genes, n_cells = (int(s) for s in g["shape"][:])
         self.n_rows, self.n_cols = n_cells, n_genes
         if len(g["indptr"]) != n_cells + 1:
             raise UserError(f"{path}: matrix/indptr does not have one entry per barcode; the file is not a Cell Ranger matrix")
+        self.nnz = min(len(g["indices"]), len(g["data"]))
         self.var_names = self.columns["gene_ids"]
         types = self.columns.get("feature_types")
         self.non_gex = None
@@ -435,8 +532,9 @@ class TenxH5Reader(MatrixReader):
         if obs:
             raise UserError(self._missing_obs(obs[0]))
         indptr = self.g["indptr"][start : stop + 1].astype(np.int64)
-        a, b = int(indptr[0]), int(indptr[-1])
-        return Chunk(start, indptr, self.g["indices"][a:b], self.g["data"][a:b], _decode(self.g["barcodes"][start:stop]))
+        a, b = _stored_range(self.path, indptr, self.nnz, start, stop)
+        barcodes = _decode(self.g["barcodes"][start:stop], f"{self.path}: {self.g.name}/barcodes")
+        return Chunk(start, indptr, self.g["indices"][a:b], self.g["data"][a:b], barcodes)
 
     def close(self):
         self.file.close()
@@ -457,8 +555,12 @@ def _find(directory: Path, stems: Sequence[str]) -> Path | None:
 
 def _read_tsv(path: Path) -> list[list[str]]:
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt") as fh:
-        return [line.rstrip("\n").split("\t") for line in fh if line.strip()]
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            return [line.rstrip("\n").split("\t") for line in fh if line.strip()]
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} holds text that is not UTF-8 (byte {err.start}: "
+                        f"{err.object[err.start:err.start + 8]!r}); re-save it as UTF-8") from None
 
 
 class MtxReader(MatrixReader):
@@ -522,8 +624,20 @@ class MtxReader(MatrixReader):
                 self.fh, sep=r"\s+", header=None, names=["g", "c", "v"], chunksize=self.BLOCK_ENTRIES,
                 dtype={"g": np.int64, "c": np.int64, "v": np.float64 if self.field == "real" else np.int64},
             )
+        seen = 0
         for block in self._reader:
-            yield block["c"].to_numpy() - 1, block["g"].to_numpy() - 1, block["v"].to_numpy()
+            g, c = block["g"].to_numpy(), block["c"].to_numpy()
+            # Entries outside the declared size would land on other genes or cells.
+            outside = (g < 1) | (g > self.n_cols) | (c < 1) | (c > self.n_rows)
+            if outside.any():
+                k = int(np.argmax(outside))
+                raise UserError(f"{self.mtx}: entry {seen + k + 1} is at gene {g[k]}, cell {c[k]}, outside the "
+                                f"{self.n_cols} genes x {self.n_rows} cells its header declares; the file is damaged")
+            seen += len(block)
+            yield c - 1, g - 1, block["v"].to_numpy()
+        if seen != self.nnz:
+            raise UserError(f"{self.mtx} holds {seen} entries but its header declares {self.nnz}; the file is "
+                            "damaged or truncated")
 
     def _load_whole(self, cells, genes, values):
         import scipy.sparse as sp
@@ -580,7 +694,8 @@ class MtxReader(MatrixReader):
             if fresh and len(c):
                 last = int(c[-1])
             below = c < stop
-            got_c.append(c[below]); got_g.append(g[below]); got_v.append(v[below])
+            for got, values in ((got_c, c), (got_g, g), (got_v, v)):
+                got.append(values[below])
             if not below.all():
                 self._pending = [(c[~below], g[~below], v[~below])]
                 break
@@ -745,10 +860,24 @@ def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
 
 def open_input(path: str | Path, layer: str | None = None, orientation: str = "auto",
                is_gene: Callable[[str], bool] | None = None) -> MatrixReader:
-    """A reader for one input file or Matrix Market directory."""
+    """A reader for one input file or Matrix Market directory, its shape checked."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"input {path} does not exist")
+    try:
+        reader = _open(path, layer, orientation, is_gene)
+    except UserError:
+        raise
+    except FILE_ERRORS as err:
+        raise unreadable(path, err) from None
+    if len(reader.var_names) != reader.n_cols or reader.n_rows < 0:
+        reader.close()
+        raise UserError(f"{path} lists {len(reader.var_names)} genes for a matrix of {reader.n_rows} cells x "
+                        f"{reader.n_cols} genes; the file is damaged")
+    return reader
+
+
+def _open(path: Path, layer, orientation, is_gene) -> MatrixReader:
     name = path.name.lower()
     if _is_mtx_dir(path):
         return MtxReader(path)

@@ -1,13 +1,22 @@
-"""Reading a token shard directory (manifest.json + part-NNNNN.parquet) in bounded memory.
+"""The token shard format, and reading a shard directory in bounded memory.
+
+A shard directory holds `manifest.json` (written last: a directory without one is not a
+finished shard set), `part-NNNNN.parquet` files, the tokenization's dictionaries
+(`vocabulary.json`, `medians.json`, `symbols.json`, `gene_map.json`) and, for a shard set
+restricted to a gene set, `gene_set.json` (the gene IDs kept). The names are defined here;
+`tokenize` writes them (the parts through the Rust writer, `rust/shard.rs`, which names them
+the same way) and everything else reads them through `ShardSet`.
 
 Opening a ShardSet reads the manifest and the `length` column of every part (4 bytes a
-cell); token lists are read one part at a time when asked for, and the most recent part is
-kept so that batches drawn from the same part do not re-read it.
+cell); token lists are read a part at a time when asked for, and the most recently used parts
+are kept, up to `CACHE_TOKENS` tokens (at least one part), so that batches mixing the cells of
+a few parts do not re-read them.
 """
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,6 +26,20 @@ import numpy as np
 from cellrank_fm.errors import UserError
 
 FORMAT = "cellrank-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PART_GLOB = "part-*.parquet"  # finished parts
+TEMP_PART_GLOB = ".part-*"  # parts being written
+# The gene IDs a gene-set tokenization kept; model directories fine-tuned on it carry a copy.
+GENE_SET_FILE = "gene_set.json"
+
+
+def part_file(index: int) -> str:
+    """File name of part `index`."""
+    return f"part-{index:05d}.parquet"
+# Tokens of parts kept in memory: 2^27 tokens are 256 MB at 16 bits a token (V1 and V2
+# vocabularies fit in 16 bits), about one part of 65,536 cells of 2,048 genes.
+CACHE_TOKENS = 1 << 27
 
 
 class ShardSet:
@@ -24,7 +47,7 @@ class ShardSet:
         self.path = Path(path)
         if not self.path.is_dir():
             raise UserError(f"shard directory {self.path} does not exist; make one with `cellrank tokenize`.")
-        manifest_path = self.path / "manifest.json"
+        manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
             raise UserError(
                 f"{self.path} holds no manifest.json, so it is not a shard directory; "
@@ -46,13 +69,20 @@ class ShardSet:
             raise UserError(f"{self.path} holds no cells; tokenize an input with cells that pass the filters.")
         self.part_rows = rows
         self.part_starts = np.concatenate([[0], np.cumsum(rows)])
-        self._cached_part: int | None = None
-        self._cached_tokens: list[np.ndarray] = []
+        self._cache: OrderedDict[int, list[np.ndarray]] = OrderedDict()
 
     # ---- manifest facts
 
     def __len__(self) -> int:
         return int(self.part_starts[-1])
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        columns = ", ".join(self.manifest.get("metadata_columns") or []) or "none"
+        return (f"<cellrank shards {self.path}: {len(self):,} cells in {self.num_parts} part(s), "
+                f"{self.model_version} tokens, metadata columns: {columns}>")
 
     @property
     def num_parts(self) -> int:
@@ -80,12 +110,14 @@ class ShardSet:
         return (self.manifest.get("vocabulary") or {}).get("sha256")
 
     def _json(self, name: str, required: bool) -> dict:
+        from cellrank_fm.outputs import REMAKE_SHARDS, read_json
+
         p = self.path / name
         if not p.is_file():
             if required:
                 raise UserError(f"{self.path} lacks {name}; re-run `cellrank tokenize`.")
             return {}
-        return json.loads(p.read_text())
+        return read_json(p, REMAKE_SHARDS)
 
     @cached_property
     def vocabulary(self) -> dict[str, int]:
@@ -105,6 +137,33 @@ class ShardSet:
         from cellrank_fm.genes import GENE_MAP_FILE
 
         return self._json(GENE_MAP_FILE, required=False)
+
+    @cached_property
+    def gene_set(self) -> list[str] | None:
+        """The gene IDs a gene-set tokenization kept (sorted), or None for all genes.
+
+        Read from the shard directory; shard sets written before it stored them re-resolve the
+        recorded gene-set file.
+        """
+        info = self.manifest.get("gene_set")
+        if not info:
+            return None
+        stored = self.path / GENE_SET_FILE
+        if stored.is_file():
+            from cellrank_fm.outputs import REMAKE_SHARDS, read_json
+
+            return sorted(read_json(stored, REMAKE_SHARDS))
+        from cellrank_fm.genes import load_gene_set, resolve_gene_set
+
+        source = Path(str(info.get("source", "")))
+        if not source.is_file():
+            raise UserError(
+                f"the shards were tokenized with the gene set {source}, which is gone; the model must "
+                f"record it so `predict` tokenizes new cells alike — restore the file."
+            )
+        column = (self.manifest.get("settings") or {}).get("genes_column")
+        ids, _ = resolve_gene_set(load_gene_set(source, column), None, self.vocabulary)
+        return sorted(ids)
 
     def tokenization(self) -> dict[str, Any]:
         """How these cells were tokenized, for a model directory's `config.json` ("cellrank" block):
@@ -128,11 +187,9 @@ class ShardSet:
     @cached_property
     def lengths(self) -> np.ndarray:
         """Token count of every cell, uint32 [cells], read from the `length` columns only."""
-        import pyarrow.parquet as pq
-
         out = np.empty(len(self), dtype=np.uint32)
         for i, f in enumerate(self.part_files):
-            col = pq.read_table(f, columns=["length"]).column("length").to_numpy()
+            col = read_part(f, ["length"]).column("length").to_numpy()
             if len(col) != self.part_rows[i]:
                 raise UserError(f"{f} holds {len(col)} rows but the manifest says {self.part_rows[i]}; re-run `cellrank tokenize`.")
             out[self.part_starts[i] : self.part_starts[i + 1]] = col
@@ -145,16 +202,25 @@ class ShardSet:
     def part_range(self, part: int) -> np.ndarray:
         return np.arange(self.part_starts[part], self.part_starts[part + 1])
 
-    def _part_tokens(self, part: int) -> list[np.ndarray]:
-        if self._cached_part != part:
-            import pyarrow.parquet as pq
+    @cached_property
+    def part_token_counts(self) -> np.ndarray:
+        """Tokens held by each part."""
+        total = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])
+        return np.diff(total[self.part_starts])
 
-            col = pq.read_table(self.part_files[part], columns=["input_ids"]).column("input_ids").combine_chunks()
-            values = col.values.to_numpy(zero_copy_only=False)
-            offsets = col.offsets.to_numpy()
-            self._cached_tokens = [values[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
-            self._cached_part = part
-        return self._cached_tokens
+    def _part_tokens(self, part: int) -> list[np.ndarray]:
+        if part in self._cache:
+            self._cache.move_to_end(part)
+            return self._cache[part]
+        col = read_part(self.part_files[part], ["input_ids"]).column("input_ids").combine_chunks()
+        values = col.values.to_numpy(zero_copy_only=False)
+        offsets = col.offsets.to_numpy()
+        tokens = [values[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+        self._cache[part] = tokens
+        sizes = self.part_token_counts
+        while len(self._cache) > 1 and sum(int(sizes[k]) for k in self._cache) > CACHE_TOKENS:
+            self._cache.popitem(last=False)
+        return tokens
 
     def tokens(self, indices: Sequence[int] | np.ndarray | None = None) -> list[np.ndarray]:
         """Token arrays of the given cells (global indices, any order), or of every cell."""
@@ -173,11 +239,16 @@ class ShardSet:
         """A per-cell column (metadata, `cell_id`, `source`, `length`) over all parts, or of `indices`."""
         import pyarrow.parquet as pq
 
-        schema = pq.read_schema(self.part_files[0])
+        try:
+            schema = pq.read_schema(self.part_files[0])
+        except Exception as err:  # noqa: BLE001 - pyarrow's errors for a damaged file vary
+            from cellrank_fm.outputs import REMAKE_SHARDS, damaged
+
+            raise damaged(self.part_files[0], err, REMAKE_SHARDS) from None
         if name not in schema.names:
             have = [n for n in schema.names if n != "input_ids"]
             raise UserError(f"{self.path} has no column {name!r}; it has {', '.join(have)}.")
-        chunks = [pq.read_table(f, columns=[name]).column(name) for f in self.part_files]
+        chunks = [read_part(f, [name]).column(name) for f in self.part_files]
         import pyarrow as pa
 
         col = pa.chunked_array([c for ch in chunks for c in ch.chunks], type=chunks[0].type)
@@ -186,6 +257,18 @@ class ShardSet:
             return values if indices is None else [values[i] for i in indices]
         arr = col.to_numpy()
         return arr if indices is None else arr[np.asarray(indices)]
+
+
+def read_part(path: Path, columns: list[str]):
+    """Columns of one Parquet part; a damaged part is named, with how to make it again."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, columns=columns)
+    except Exception as err:  # noqa: BLE001 - pyarrow's errors for a damaged file vary
+        from cellrank_fm.outputs import REMAKE_SHARDS, damaged
+
+        raise damaged(path, err, REMAKE_SHARDS) from None
 
 
 def check_vocabulary(shards: ShardSet, vocab_size: int, vocab_sha256: str | None, what: str) -> None:

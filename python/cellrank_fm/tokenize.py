@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from cellrank_fm.errors import UserError, atomic_path
+from cellrank_fm.errors import UserError, warn, write_json
 from cellrank_fm.genes import (
     GENE_MAP_FILE,
     ColumnPlan,
@@ -38,7 +38,17 @@ from cellrank_fm.genes import (
     resolve_gene_set,
     symbols_for,
 )
+from cellrank_fm.outputs import Claim, claim, read_json
 from cellrank_fm.readers import Chunk, MatrixReader, expand_inputs, open_input
+from cellrank_fm.shards import (
+    FORMAT,
+    FORMAT_VERSION,
+    GENE_SET_FILE,
+    MANIFEST,
+    PART_GLOB,
+    TEMP_PART_GLOB,
+    part_file,
+)
 from cellrank_fm.vocab import (
     content_sha256,
     load_medians,
@@ -49,8 +59,6 @@ from cellrank_fm.vocab import (
     token_dtype,
 )
 
-FORMAT = "cellrank-shards"
-FORMAT_VERSION = 1
 RUN_FILE = ".cellrank-run.json"
 PROGRESS_FILE = ".cellrank-progress.jsonl"
 # Cells per call into the core. ~2,000 genes per cell keeps a chunk's arrays under glibc's 32 MB
@@ -78,7 +86,11 @@ class TokenizeSettings:
     genes_column: str | None = None
 
     def resolved_input_size(self) -> int:
-        return int(self.model_input_size or preset(self.model_version).model_input_size)
+        if self.model_input_size is None:
+            return int(preset(self.model_version).model_input_size)
+        if self.model_input_size < 1:
+            raise UserError(f"--model-input-size must be at least 1 (tokens per cell), not {self.model_input_size}")
+        return int(self.model_input_size)
 
 
 @dataclass
@@ -94,13 +106,17 @@ class Dictionaries:
     gene_set_info: dict | None = None
 
     @classmethod
-    def load(cls, vocab_path, medians_path, mapping_paths=(), genes_file=None, genes_column=None):
-        vocabulary = load_vocabulary(vocab_path)
-        medians = load_medians(medians_path)
+    def load(cls, vocab, medians, mapping_paths=(), genes=None, genes_column=None):
+        """`vocab`, `medians`: files or dictionaries; `genes`: a gene-set file or a list of genes."""
+        vocabulary = dict(vocab) if isinstance(vocab, Mapping) else load_vocabulary(vocab)
+        median_values = dict(medians) if isinstance(medians, Mapping) else load_medians(medians)
         mapping = load_mapping(list(mapping_paths)) if mapping_paths else None
-        d = cls(vocabulary, medians, str(vocab_path), str(medians_path), mapping)
-        if genes_file:
-            d.set_gene_set(load_gene_set(genes_file, genes_column), str(genes_file))
+        d = cls(vocabulary, median_values, _source(vocab), _source(medians), mapping)
+        if isinstance(genes, (str, os.PathLike)):
+            if str(genes):
+                d.set_gene_set(load_gene_set(genes, genes_column), str(genes))
+        elif genes is not None:
+            d.set_gene_set([str(g) for g in genes], "<list>")
         return d
 
     def set_gene_set(self, labels: Sequence[str], source: str) -> None:
@@ -111,6 +127,10 @@ class Dictionaries:
             raise UserError(f"none of the {len(labels)} genes in {source} is in the vocabulary{hint}")
         self.gene_set = in_vocab
         self.gene_set_info = {"source": source, "size": len(in_vocab), "listed": len(labels), "unresolved": missing}
+
+
+def _source(table) -> str:
+    return "<memory>" if isinstance(table, Mapping) else str(table)
 
 
 @dataclass
@@ -124,6 +144,7 @@ class InputPlan:
     has_n_counts: bool
     has_filter: bool
     reopen: Any  # () -> MatrixReader
+    in_memory: bool = False  # an AnnData object that never was a file: no size, no hash
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,12 +159,17 @@ def gene_labels(reader: MatrixReader, gene_id_column: str | None) -> tuple[list[
     """Labels to resolve, plus display symbols when IDs come from a column and var_names are symbols."""
     symbol_column = next((c for c in SYMBOL_COLUMNS if c in reader.var_columns() and c != gene_id_column), None)
     symbols = reader.var_column(symbol_column) if symbol_column else None
+    labels = reader.var_column(gene_id_column) if gene_id_column else reader.var_names
+    named = f"gene column {gene_id_column!r}" if gene_id_column else "var_names"
+    for values, what in ((labels, named), (symbols, f"gene column {symbol_column!r}")):
+        if values is not None and len(values) != reader.n_cols:  # each label indexes a matrix column
+            raise UserError(f"{reader.path}: {what} holds {len(values)} names for {reader.n_cols} genes; "
+                            "the file is damaged")
     if gene_id_column:
         names = reader.var_names
         if sum(map(looks_like_ensembl, names[:500])) < 0.5 * min(500, len(names)):
             symbols = names
-        return reader.var_column(gene_id_column), symbols
-    return reader.var_names, symbols
+    return labels, symbols
 
 
 def plan_for(reader: MatrixReader, dicts: Dictionaries, gene_id_column: str | None) -> ColumnPlan:
@@ -262,11 +288,6 @@ def _fingerprint(path: Path, full_hash: bool = True) -> dict:
     return out
 
 
-def _warn(msg: str, warnings_list: list[str], quiet: bool) -> None:
-    warnings_list.append(msg)
-    print(f"warning: {msg}", file=sys.stderr)
-
-
 def _say(msg: str, quiet: bool) -> None:
     if not quiet:
         print(msg, file=sys.stderr)
@@ -297,7 +318,7 @@ def keep_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 1 << 30)
 
 def tokenize_files(
-    inputs: Sequence[str | Path],
+    inputs,
     out_dir: str | Path,
     dicts: Dictionaries,
     settings: TokenizeSettings | None = None,
@@ -307,17 +328,25 @@ def tokenize_files(
     overwrite: bool = False,
     quiet: bool = False,
 ) -> dict:
-    """Tokenize inputs (files, Matrix Market directories, directories of them) into one shard set.
+    """Tokenize inputs (files, Matrix Market directories, directories of them, AnnData objects)
+    into one shard set.
 
-    Returns the manifest.
+    Returns the manifest. The output is claimed for the run (`cellrank_fm.outputs.claim`): a
+    second run on it is refused, and a fresh run that fails leaves nothing behind.
     """
+    with claim(out_dir) as output:
+        return _tokenize_files(inputs, Path(out_dir), dicts, settings, output, chunk_cells=chunk_cells,
+                               resume=resume, overwrite=overwrite, quiet=quiet)
+
+
+def _tokenize_files(inputs, out: Path, dicts: Dictionaries, settings: TokenizeSettings | None, output: Claim, *,
+                    chunk_cells: int, resume: bool, overwrite: bool, quiet: bool) -> dict:
     keep_freed_memory()
     from cellrank_fm import __version__
     from cellrank_fm._core import ShardWriter
 
     settings = settings or TokenizeSettings()
-    out = Path(out_dir)
-    paths = expand_inputs(inputs)
+    sources = input_sources(inputs, settings.layer, settings.orientation, _gene_predicate(dicts))
     max_genes_total = settings.resolved_input_size()
     prefix, suffix, n_special, specials = _model_tokens(settings.model_version, dicts.vocabulary)
     max_genes = max_genes_total - n_special
@@ -331,14 +360,10 @@ def tokenize_files(
     # Open every input first so a bad file or option fails before anything is written.
     plans: list[InputPlan] = []
     meta_schema: list[tuple[str, str]] = []
-    is_gene = _gene_predicate(dicts)
-    for path in paths:
-        def reopen(path=path):
-            return open_input(path, settings.layer, settings.orientation, is_gene)
-
+    for path, reopen, in_memory in sources:
         with reopen() as reader:
             plans.append(InputPlan(path, reader.n_rows, plan_for(reader, dicts, settings.gene_id_column),
-                                   *obs_flags(reader), reopen))
+                                   *obs_flags(reader), reopen, in_memory))
             wanted = list(settings.keep_obs) + ([settings.cell_id_column] if settings.cell_id_column else [])
             missing = [c for c in wanted if c not in reader.obs_columns()]
             if missing:
@@ -355,17 +380,53 @@ def tokenize_files(
         "gene_set": dicts.gene_set_info,
         "gene_map": dicts.mapping.sources if dicts.mapping else [],
         "inputs": [
+            {"path": str(p.path), "rows": p.n_rows} if p.in_memory else
             {"path": str(p.path), "bytes": _fingerprint(p.path, full_hash=False)["bytes"],
              "mtime_ns": p.path.stat().st_mtime_ns, "rows": p.n_rows} for p in plans
         ],
     }
-    done = _prepare_out_dir(out, run_record, resume, overwrite)
+    if resume and any(p.in_memory for p in plans):
+        raise UserError("resume needs input files: an AnnData held in memory cannot be checked for changes; "
+                        "write it to .h5ad first, or start again without resume")
+    done = _prepare_out_dir(out, run_record, resume, overwrite, output)
     if done is not None:
         _say(f"{out} is already complete ({done['cells']['written']} cells)", quiet)
         return done
     run = _Run(out, plans, dicts, settings, run_record, chunk_cells, max_genes, prefix, suffix, specials,
                tdtype, medians_used, vocab_sha, medians_sha, meta_schema, warnings_list, quiet)
     return _tokenize_into(run, ShardWriter, __version__)
+
+
+def input_sources(inputs, layer: str | None = None, orientation: str = "auto",
+                  is_gene=None) -> list[tuple[Path, Any, bool]]:
+    """(path or name, () -> reader, in memory?) for each input: files and directories in sorted
+    order, then AnnData objects held in memory, in the order given. A backed AnnData is its file."""
+    from cellrank_fm.readers import AnnDataReader
+
+    if isinstance(inputs, (str, os.PathLike)) or is_anndata(inputs):
+        inputs = [inputs]
+    paths, in_memory = [], []
+    for item in inputs:
+        if is_anndata(item) and item.isbacked:
+            paths.append(Path(item.filename))
+        elif is_anndata(item):
+            in_memory.append(item)
+        else:
+            paths.append(item)
+    out = []
+    for path in expand_inputs(paths) if paths else []:
+        out.append((path, lambda path=path: open_input(path, layer, orientation, is_gene), False))
+    for k, adata in enumerate(in_memory):
+        name = Path("AnnData" if len(in_memory) == 1 else f"AnnData-{k + 1}")
+        out.append((name, lambda adata=adata: AnnDataReader(adata, layer), True))
+    if not out:
+        raise UserError("no input given; pass files, directories or AnnData objects")
+    return out
+
+
+def is_anndata(obj) -> bool:
+    """An AnnData object (in memory or backed), told apart without importing anndata."""
+    return type(obj).__name__ == "AnnData" and hasattr(obj, "obs_names")
 
 
 def _gene_predicate(dicts: Dictionaries):
@@ -380,30 +441,35 @@ def _gene_predicate(dicts: Dictionaries):
     return is_gene
 
 
-def _prepare_out_dir(out: Path, run_record: dict, resume: bool, overwrite: bool) -> dict | None:
+def _prepare_out_dir(out: Path, run_record: dict, resume: bool, overwrite: bool, output: Claim) -> dict | None:
     """Create/validate the output directory; returns the manifest if a resumed run is complete."""
-    manifest_path = out / "manifest.json"
+    manifest_path = out / MANIFEST
     run_path = out / RUN_FILE
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} exists and is not a directory")
     ours = out.exists() and (manifest_path.exists() or run_path.exists())
     if out.exists() and any(out.iterdir()):
         if resume and ours:
+            remedy = "start again with --overwrite"
             if manifest_path.exists():
-                manifest = json.loads(manifest_path.read_text())
+                manifest = read_json(manifest_path, remedy)
                 _check_same(manifest.get("run", {}), run_record, out)
                 return manifest
-            _check_same(json.loads(run_path.read_text()), run_record, out)
+            _check_same(read_json(run_path, remedy), run_record, out)
             return None
         if overwrite and ours:
             shutil.rmtree(out)
+            output.replaced()
         elif overwrite:
             raise UserError(f"{out} holds files that are not a cellrank shard set; refusing to overwrite it")
+        elif resume:
+            raise UserError(f"{out} holds files but no cellrank run to resume; choose another --out")
         else:
             raise UserError(f"{out} already exists and is not empty; pass --resume to continue it or --overwrite to replace it")
+    elif resume:
+        print(f"note: {out} holds no run to resume; starting from scratch", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(run_path) as tmp:
-        tmp.write_text(json.dumps(run_record, indent=1))
+    write_json(run_record, run_path)
     (out / PROGRESS_FILE).unlink(missing_ok=True)
     return None
 
@@ -465,11 +531,11 @@ def _tokenize_into(run: _Run, ShardWriter, version: str) -> dict:
     meta_schema, warnings_list = run.meta_schema, run.warnings_list
 
     done = _completed_parts(out)
-    for stale in out.glob("part-*.parquet"):
+    for stale in out.glob(PART_GLOB):
         idx = int(stale.stem.split("-")[1])
         if idx not in done:
             stale.unlink()  # written but never recorded: redo it
-    for stale in out.glob(".part-*"):
+    for stale in out.glob(TEMP_PART_GLOB):
         stale.unlink()
     writer = ShardWriter(str(out), run.tdtype, meta_schema)
     part_records: dict[int, dict] = dict(done)
@@ -502,7 +568,7 @@ def _tokenize_into(run: _Run, ShardWriter, version: str) -> dict:
                         part_index += 1
                         bar.advance(task, part_stop - part_start)
                         continue
-                    rec = {"index": part_index, "file": f"part-{part_index:05d}.parquet", "kept": 0,
+                    rec = {"index": part_index, "file": part_file(part_index), "kept": 0,
                            "filtered_out": 0, "empty": 0, "written": 0}
                     opened = False
                     step = min(chunk_cells, reader.max_rows_per_read or chunk_cells)
@@ -556,12 +622,13 @@ def _tokenize_into(run: _Run, ShardWriter, version: str) -> dict:
         if part_records[idx]["written"] != rows:
             raise RuntimeError(f"part {idx}: writer reports {rows} rows, expected {part_records[idx]['written']}")
     if nnz and nonint and not settings.allow_float:
-        _warn(f"{nonint / nnz:.2%} of the stored values are not integers; cellrank expects raw counts "
-              "(pass --allow-float for TPM/FPKM input)", warnings_list, quiet)
+        warn(f"{nonint / nnz:.2%} of the stored values are not integers; cellrank expects raw counts "
+             "(pass --allow-float for TPM/FPKM input)", warnings_list)
     totals = {k: sum(s[k] for s in input_stats) for k in ("rows", "kept", "filtered_out", "empty")}
     if totals["kept"] == 0:
         raise UserError("no cell was left to tokenize (all were filtered out or had no vocabulary gene)")
-    fingerprints = [_fingerprint(ip.path) for ip in plans]
+    fingerprints = [{"path": str(ip.path), "in_memory": True} if ip.in_memory else _fingerprint(ip.path)
+                    for ip in plans]
     for fp, st in zip(fingerprints, input_stats):
         fp.update({k: st[k] for k in ("rows", "kept", "filtered_out", "empty")})
     if dicts.mapping:
@@ -573,6 +640,9 @@ def _tokenize_into(run: _Run, ShardWriter, version: str) -> dict:
     if dicts.mapping:
         # The mapping itself, not a path to it: models trained on these shards carry it along.
         save_json_mapping(dicts.mapping.restricted_to(dicts.vocabulary), out / GENE_MAP_FILE)
+    if dicts.gene_set is not None:
+        # The genes themselves, not the file they were listed in, which may move.
+        write_json(sorted(dicts.gene_set), out / GENE_SET_FILE)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -595,8 +665,7 @@ def _tokenize_into(run: _Run, ShardWriter, version: str) -> dict:
         "warnings": warnings_list,
         "run": run.run_record,
     }
-    with atomic_path(out / "manifest.json") as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1))
+    write_json(manifest, out / MANIFEST)
     (out / PROGRESS_FILE).unlink(missing_ok=True)
     (out / RUN_FILE).unlink(missing_ok=True)
     seconds = time.perf_counter() - started
@@ -625,9 +694,9 @@ def _report_genes(ip: InputPlan, plan: ColumnPlan, share_counts, warnings_list, 
     # Whole-genome annotations hold many genes no vocabulary has (lncRNAs, pseudogenes), so the
     # share of counts decides when it is known; the share of genes otherwise.
     if (share_counts if share_counts is not None else plan.share_recognised) < 0.5:
-        _warn(f"{ip.path.name}: under half of the genes or counts are in the vocabulary "
-              f"({plan.share_recognised:.1%} of genes{counts_txt}); check --gene-id-column and --gene-map",
-              warnings_list, quiet)
+        warn(f"{ip.path.name}: under half of the genes or counts are in the vocabulary "
+             f"({plan.share_recognised:.1%} of genes{counts_txt}); check --gene-id-column and --gene-map",
+             warnings_list)
 
 
 def _meta_schema(reader: MatrixReader, keep_obs: Sequence[str]) -> list[tuple[str, str]]:

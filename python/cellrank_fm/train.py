@@ -22,14 +22,18 @@ A task plugs into `train(model, task, cfg, out_dir)` by providing five methods:
     should_stop() -> bool   (optional)
         Asked on rank 0 after each evaluation; True ends training there with a checkpoint
         (fine-tuning's early stopping on validation macro-F1).
+    state_dict() -> dict, load_state_dict(dict)   (optional)
+        The task's own state at a checkpoint (fine-tuning's best weights and early-stopping
+        record), saved with it and restored on resume.
 
 The loop owns the rest: device choice, DDP under `torchrun` (each rank its own slice of the
 batches, gloo on CPU, nccl on CUDA), AdamW (fused; no weight decay on biases and
 LayerNorms), linear warmup then linear or cosine decay, gradient accumulation and clipping,
 bf16 autocast on CUDA, optional `torch.compile`, a progress bar with tokens/s and loss,
 metrics as JSON lines (`metrics.jsonl`), and checkpoints (`trainer_state.pt` beside the
-model files: step, optimizer and scheduler state). Dropout randomness is reseeded from
-(seed, step, rank) at every step and the data position is the number of batches consumed, so
+model files: step, weights, optimizer, scheduler and task state in one file written
+atomically, so a kill at any moment leaves the last whole checkpoint). Dropout randomness is
+reseeded from (seed, step, rank) at every step and the data position is the number of batches consumed, so
 `resume=True` continues an interrupted run to the same weights as an uninterrupted one.
 """
 
@@ -56,7 +60,7 @@ METRICS = "metrics.jsonl"
 
 @dataclass
 class TrainConfig:
-    lr: float = 1e-3
+    lr: float | None = 1e-3  # None: the task picks it from the model (`pretrain.default_lr`)
     weight_decay: float = 0.001
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -85,7 +89,7 @@ class TrainConfig:
             raise UserError(f"schedule must be linear, cosine or constant, not {self.schedule!r}.")
         if self.max_steps < 1 or self.grad_accum < 1 or self.tokens_per_batch < 1:
             raise UserError("max_steps, grad_accum and tokens_per_batch must be positive.")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise UserError(f"the learning rate must be positive, not {self.lr}.")
 
 
@@ -102,10 +106,31 @@ class Task(Protocol):
 
 def pick_device(name: str = "auto") -> torch.device:
     if name != "auto":
-        return torch.device(name)
+        return check_device(name)
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+def check_device(name: str) -> torch.device:
+    """The device `name` asks for, if this machine has it; else one sentence saying what it has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"--device {name} asks for a GPU but PyTorch sees none on this machine (no CUDA "
+                            "device or driver); use --device cpu, or auto to take a GPU when there is one")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"--device {name} asks for GPU {device.index} but this machine has {count} "
+                            f"(cuda:0 to cuda:{count - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name} asks for Apple's GPU (MPS) but PyTorch cannot use one here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -208,7 +233,13 @@ def _truncate_metrics(out_dir: Path, after_step: int) -> None:
     path = out_dir / METRICS
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= after_step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= after_step:
+                keep.append(line)
+        except ValueError:
+            continue  # a line cut short when the crashed run was killed
     path.write_text("".join(line + "\n" for line in keep))
 
 
@@ -235,8 +266,17 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, out_dir: str | P
     if resume:
         from cellrank_fm.checkpoint import load_weights_into, read_weights
 
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        load_weights_into(model, read_weights(out_dir), str(out_dir))
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - a truncated pickle fails in many ways
+            from cellrank_fm.outputs import damaged
+
+            raise damaged(state_path, err, "run again with --overwrite to start from scratch") from None
+        # The checkpoint's own copy of the weights: the model files beside it may be a step
+        # newer if the run was killed between writing them and this file.
+        load_weights_into(model, state["model"] if "model" in state else read_weights(out_dir), str(state_path))
+        if "task" in state and hasattr(task, "load_state_dict"):
+            task.load_state_dict(state["task"])
         step = int(state["step"])
         model.to(device)
     optimizer = make_optimizer(model, cfg, device)
@@ -268,10 +308,15 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, out_dir: str | P
     def checkpoint(at_step: int) -> None:
         if is_main:
             task.save(raw_model, out_dir, {"step": at_step})
+            from cellrank_fm.checkpoint import state_dict_for_saving
+
+            # One file holds everything a resumed run needs, so a checkpoint is whole or absent.
             with atomic_path(state_path) as tmp:
                 torch.save(
                     {"step": at_step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "world_size": world, "config": dataclasses.asdict(cfg)},
+                     "world_size": world, "config": dataclasses.asdict(cfg),
+                     "model": state_dict_for_saving(raw_model),
+                     **({"task": task.state_dict()} if hasattr(task, "state_dict") else {})},
                     tmp,
                 )
         dist.barrier()
@@ -289,7 +334,9 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, out_dir: str | P
     with progress_bar("steps", quiet=cfg.quiet or not is_main, extra="loss {task.fields[loss]} · {task.fields[tps]} tokens/s") as bar:
         tid = bar.add_task("pretrain" if not hasattr(task, "name") else task.name, total=cfg.max_steps,
                            completed=step, loss="--", tps="--")
-        while step < cfg.max_steps:
+        # A run resumed from the checkpoint where it stopped early has nothing left to train.
+        stopped_early = resume and bool(getattr(task, "should_stop", lambda: False)())
+        while step < cfg.max_steps and not stopped_early:
             torch.manual_seed(_step_seed(cfg.seed, step, rank))
             step_loss = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from cellrank_fm.errors import UserError, atomic_path
+from cellrank_fm.errors import UserError, atomic_path, write_json
 
 SPECIAL_TOKENS = ("<pad>", "<mask>", "<cls>", "<eos>")
 
@@ -168,12 +168,22 @@ def load_medians(path: str | Path) -> dict[str, float]:
     """Gene -> nonzero median of count / total x 10,000 (finite and > 0)."""
     table = load_table(path, "medians")
     medians: dict[str, float] = {}
+    unusable: list[str] = []
     for key, value in table.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"medians file {path} maps {key!r} to {value!r}, not a number")
         if not math.isfinite(value) or value <= 0:
-            continue  # a gene never seen expressed cannot be normalised; treat as absent
-        medians[key] = float(value)
+            unusable.append(key)
+        else:
+            medians[key] = float(value)
+    if unusable:
+        # Such a gene could not be normalised and would silently drop out of every cell; files
+        # from `cellrank medians` and Geneformer's never hold one, so the file is damaged.
+        raise UserError(
+            f"medians file {path} gives {len(unusable):,} of {len(table):,} genes a zero, negative or missing "
+            f"median (e.g. {unusable[0]!r}: {table[unusable[0]]!r}); every median must be a positive number: "
+            "make the file again with `cellrank medians`, or leave those genes out of it"
+        )
     if not medians:
         raise UserError(f"medians file {path} holds no positive median")
     return medians
@@ -200,8 +210,7 @@ def content_sha256(mapping: Mapping[str, Any]) -> str:
 
 def save_json_mapping(mapping: Mapping[str, Any], path: str | Path) -> str:
     """Write the mapping as JSON atomically (insertion order kept); returns its content sha256."""
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(dict(mapping), indent=0, ensure_ascii=False))
+    write_json(dict(mapping), path, indent=0)
     return content_sha256(mapping)
 
 

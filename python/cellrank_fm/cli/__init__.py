@@ -21,11 +21,16 @@ from cellrank_fm.cli import score as _score  # noqa: F401,E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: user errors become one sentence on stderr and exit code 2."""
+    """Console entry point: user errors and OSErrors become one sentence on stderr and exit code 2."""
     try:
         app(args=argv, standalone_mode=True)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:  # full or read-only disk, permissions, ...: the environment, not a bug
+        from cellrank_fm.outputs import describe_os_error
+
+        print(f"error: {describe_os_error(err)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: nothing half-written was left under a final name", file=sys.stderr)
