@@ -42,6 +42,9 @@ class PerturbResult:
       `median_shift_goal`, `mean_shift_<state>` per alternative state, `p_value`, `fdr`,
       `null_mean_shift_goal`; strongest first;
     - `shifts`: every cell × gene shift (`cell_id`, `shift_goal`, ..., `is_null`, `gene_id`).
+
+    With gene sets, `pathway` (and `n_genes`, `n_in_vocab`, `n_expressed`, `null_pool`) replace
+    the gene columns, and `.write` names the table pathways.parquet/.csv.
     """
 
     genes: pd.DataFrame
@@ -167,8 +170,11 @@ def perturb_cells(
 
     # What to perturb: with a gene list or gene sets, groups of tokens, each tested against its
     # null — random expressed genes (one shared null for single genes), or for a set, random
-    # expressed-gene sets as large as the set's expressed part (drawn outside the set). Plan
-    # keys: a token id (every gene), ("g", i) for group i, ("null", n, j) for draw j of null n.
+    # expressed-gene sets as large as the set's expressed part. Gene-set nulls are drawn outside
+    # every perturbed set, so a random set does not carry another pathway's effect (which would
+    # make an inert set look "less than random"); when too few such genes remain (a model that
+    # reads only the sets' genes), outside the set itself. Plan keys: a token id (every gene),
+    # ("g", i) for group i, ("null", n, j) for draw j of null n.
     groups: list[tuple[str, np.ndarray]] | None = None
     if gene_sets is not None or genes is not None:
         expressed = np.unique(np.concatenate([s[1] for s in split]))
@@ -183,7 +189,12 @@ def perturb_cells(
             nulls = [(1, np.setdiff1d(expressed, np.concatenate([t for _, t in groups])))]
         else:
             group_null = list(range(len(groups)))
-            nulls = [(len(np.intersect1d(t, expressed)), np.setdiff1d(expressed, t)) for _, t in groups]
+            outside_all = np.setdiff1d(expressed, np.concatenate([t for _, t in groups]))
+            nulls = []
+            for _, t in groups:
+                size = len(np.intersect1d(t, expressed))
+                # Twice the size: enough distinct genes for the draws to differ from one another.
+                nulls.append((size, outside_all if len(outside_all) >= 2 * size else np.setdiff1d(expressed, t)))
         null_draws = [[rng.choice(pool, size=size, replace=False) for _ in range(null_genes)]
                       if 0 < size <= len(pool) else [] for size, pool in nulls]
     plans = []
@@ -275,7 +286,10 @@ def perturb_cells(
     shifts = shifts.drop(columns=["key"])
     if gene_sets is not None:
         expressed_size = {name: size for (name, _), (size, _) in zip(groups, nulls)}
+        outside = {name: "outside every set" if pool is outside_all else "outside this set"
+                   for (name, _), (_, pool) in zip(groups, nulls)}
         table, shifts = _as_pathways(table, shifts, gene_sets, expressed_size)
+        table["null_pool"] = [outside[p] for p in table["pathway"]]
     return PerturbResult(table, shifts, settings=dict(
         state_column=state_column, start_state=start_state, goal_state=goal_state, alt_states=list(alt_states),
         genes="all" if genes is None else list(genes), as_set=as_set, mode=mode, layer=layer,
