@@ -9,8 +9,9 @@ bench takes one random permutation of a synthetic cell of `--genes` gene tokens,
 `--coalitions` of its coalitions evenly over the permutation (so their lengths are spread as in
 the real run), and evaluates them
 
-- ours: `cellrank_fm.explain.Evaluator` — length-sorted, token-budgeted packed batches
-  (padded SDPA with a key mask on CPU, variable-length flash attention in bfloat16 on CUDA);
+- ours: `Evaluator` (`from cellrank_fm.explain import Evaluator`) — length-sorted,
+  token-budgeted packed batches (padded SDPA with a key mask on CPU, variable-length flash
+  attention in bfloat16 on CUDA);
 - peer: HuggingFace `transformers.BertForSequenceClassification` with the same weights, fed
   the coalitions in permutation order in padded batches of `--peer-batch` with an attention
   mask (what a shap model function usually does).

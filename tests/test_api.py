@@ -94,6 +94,46 @@ def test_load_model_and_trained_model(trained):
     assert cfm.load_model(pre, device="cpu").labels == []
 
 
+def test_pretrain_through_the_api_and_the_cli_agree(trained, tmp_path):
+    """Same shards and options: the same weights, with the command's defaults (the width-scaled rate)."""
+    from safetensors.numpy import load_file
+
+    _, shards_backed, pre, _ = trained
+    run(["pretrain", shards_backed.path, "--out", tmp_path / "cli", "--preset", "tiny", "--max-steps", "4",
+         "--tokens-per-batch", "4096", "--device", "cpu", "-q"])
+    api_weights, cli_weights = load_file(pre.path / "model.safetensors"), load_file(tmp_path / "cli" / "model.safetensors")
+    assert sorted(api_weights) == sorted(cli_weights)
+    for name, value in api_weights.items():
+        np.testing.assert_array_equal(value, cli_weights[name], err_msg=name)
+    hidden = json.loads((pre.path / "config.json").read_text())["hidden_size"]
+    assert json.loads((pre.path / "metrics.json").read_text())["lr"] == pytest.approx(3e-3 * 64 / hidden)
+
+
+def test_load_model_reads_a_huggingface_geneformer_directory(kang, tmp_path):
+    """A checkpoint without our dictionaries takes them as arguments; cells embed as transformers runs it."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    mem, _, dicts = kang
+    cells = mem[:6].copy()
+    vocab = pd.read_pickle(dicts["vocab"])
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=2048, hidden_act="relu")
+    hf = transformers.BertForMaskedLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "gf")
+    with pytest.raises(cfm.UserError, match="lacks vocabulary.json or medians.json"):
+        cfm.load_model(tmp_path / "gf", device="cpu")
+    model = cfm.load_model(tmp_path / "gf", device="cpu", gene_id_column="ensembl_id", **dicts)
+    assert model.model_version == "v1" and model.labels == []
+    cfm.embed(model, cells, progress=False)
+    tokens = cfm.tokenize_anndata(cells, model)["input_ids"]
+    assert 0 < len(tokens.iloc[0]) <= 2048
+    with torch.no_grad():
+        hidden = hf.bert(input_ids=torch.as_tensor(tokens.iloc[0][None].astype(np.int64))).last_hidden_state[0]
+    np.testing.assert_allclose(cells.obsm["X_cellrank"][0], hidden.mean(0).numpy(), atol=1e-4)
+
+
 def test_predict_in_memory_backed_path_and_cli_agree(kang, trained, tmp_path):
     mem, path, _ = kang
     *_, clf = trained
@@ -248,6 +288,7 @@ def test_package_attributes_stay_functions_after_their_modules_load():
     import importlib
 
     api = importlib.import_module("cellrank_fm.api")
+    assert set(cfm.__all__) == {*api.__all__, "UserError", "__version__"}  # the lazy list names every function
     for name in ("tokenize", "predict", "embed", "explain", "perturb", "finetune", "pretrain", "medians", "baseline"):
         importlib.import_module(f"cellrank_fm.{name}")  # the stage module, as internal code imports it
         assert getattr(cfm, name) is getattr(api, name), name

@@ -16,12 +16,6 @@ of their stage (`tokenize`, `predict`, `embed`, `explain`, `perturb`, `finetune`
 
 import sys
 import types
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("cellrank-fm")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0+local"
 
 _API = ("tokenize", "tokenize_anndata", "medians", "load_model", "pretrain", "finetune", "baseline",
         "predict", "embed", "explain", "perturb", "score")
@@ -31,6 +25,15 @@ __all__ = [*_API, *_ELSEWHERE, "__version__"]
 
 
 def __getattr__(name: str):
+    if name == "__version__":  # importlib.metadata alone would double the import time
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            value = version("cellrank-fm")
+        except PackageNotFoundError:  # running from a source tree
+            value = "0.0.0+local"
+        globals()[name] = value
+        return value
     if name in _API or name in _ELSEWHERE:
         import importlib
 

@@ -240,9 +240,10 @@ def pretrain(
             or `config`, a HuggingFace BertConfig JSON; or `from_model` to continue pretraining.
         val: held-out shards for validation (default: `val_fraction` of `shards`).
         resume: continue the interrupted run in `out`; overwrite: replace what `out` holds.
-        **train_options: `cellrank_fm.train.TrainConfig` fields — max_steps, lr, warmup_steps
-            (default: 5% of max_steps), schedule, weight_decay, tokens_per_batch, grad_accum,
-            grad_clip, eval_every, checkpoint_every, seed, bf16, compile, device, max_seconds.
+        **train_options: `cellrank_fm.train.TrainConfig` fields, with `cellrank pretrain`'s
+            defaults — max_steps, lr (default: 3e-3 x 64 / hidden size), warmup_steps (default:
+            5% of max_steps), schedule, weight_decay, tokens_per_batch, grad_accum, grad_clip,
+            eval_every, checkpoint_every (default 500), seed, bf16, compile, device, max_seconds.
 
     Returns:
         The model directory with the run summary (`.summary`); pass it to `cfm.embed` etc.
@@ -253,8 +254,12 @@ def pretrain(
     from cellrank_fm.pretrain import pretrain as run
     from cellrank_fm.train import TrainConfig
 
+    # The command line's defaults where TrainConfig's differ: warm-up over 5% of the steps, the
+    # width-scaled rate (None: `pretrain.default_lr`), a resumable checkpoint every 500 steps.
     max_steps = train_options.get("max_steps", TrainConfig.max_steps)
     train_options.setdefault("warmup_steps", max_steps // 20)
+    train_options.setdefault("lr", None)
+    train_options.setdefault("checkpoint_every", 500)
     cfg = TrainConfig(quiet=not progress, **train_options)
     summary = run(shards, out, preset=preset, config=os.fspath(config) if config else None,
                   from_dir=os.fspath(from_model) if from_model else None,
@@ -292,8 +297,8 @@ def finetune(
         baseline: also fit the logistic-regression baseline on the same split.
         resume: continue an interrupted cell-classification run in `out` (same result as one
             run); overwrite: replace what `out` holds.
-        **options: `cellrank_fm.finetune.FinetuneOptions` fields (or `GeneTaskOptions` with
-            `gene_labels`) — epochs, lr, tokens_per_batch, patience, freeze_layers, pooling,
+        **options: fields of `FinetuneOptions` (or `GeneTaskOptions` with `gene_labels`), both
+            `from cellrank_fm.finetune import ...` — epochs, lr, tokens_per_batch, patience, freeze_layers, pooling,
             seed, split_by, split_column, validation_fraction, test_fraction, device, ...
 
     Returns:

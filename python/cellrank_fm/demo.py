@@ -102,7 +102,7 @@ def _run_demo(out: Path, *, seed: int, size: DemoSize, quiet: bool) -> Path:
 
     # 4. Masked-gene pretraining of a tiny model.
     pretrained = steps.run("pretrain", shards, out=out / "pretrained", preset="tiny", max_steps=size.pretrain_steps,
-                           tokens_per_batch=8192, lr=2e-3, seed=seed, device="cpu", checkpoint_every=500)
+                           tokens_per_batch=8192, lr=2e-3, seed=seed, device="cpu")
 
     # 5. Two classifiers from the pretrained model: cell state (explained) and condition
     #    (perturbed), each beside the logistic-regression baseline on the same split.

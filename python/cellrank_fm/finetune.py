@@ -13,6 +13,7 @@ confusion_matrix.png, split.csv (every cell's split) and training/ (the loop's l
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ class FinetuneOptions:
     lr: float | None = None  # the encoder's peak rate; the head and gene embeddings scale from it
     warmup_fraction: float = 0.1
     weight_decay: float = 0.01
+    gene_dropout: float = 0.0  # share of each training cell's genes left out at random, per step
     tokens_per_batch: int | None = None
     evals_per_epoch: int = 2
     patience: int | None = None  # evaluations without a better validation loss or macro-F1
@@ -130,7 +132,8 @@ def plan_training(opts: FinetuneOptions, hidden_size: int, pretrained: bool, tra
     if lr is None:
         lr = head_lr * (PRETRAINED_LR_FRACTION if pretrained else 1.0)
         chosen["lr"] = (f"{'pretrained' if pretrained else 'new'} encoder of width {hidden_size}")
-    scales = ((HEAD[0], head_lr / lr), (HEAD[1], head_lr / lr), (EMBEDDINGS, EMBEDDING_LR_SCALE))
+    head = max(1.0, head_lr / lr)  # the new head never learns slower than the encoder
+    scales = ((HEAD[0], head), (HEAD[1], head), (EMBEDDINGS, EMBEDDING_LR_SCALE))
     epochs = opts.epochs
     if epochs is None:
         epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, MIN_STEPS / steps_per_epoch))
@@ -208,13 +211,42 @@ def freeze_layers(model, n: int) -> None:
 # ----------------------------------------------------------------------------- the task
 
 
+@dataclass
+class EarlyStopping:
+    """After `min_epochs`, stop once `patience` evaluations in a row brought neither a lower
+    validation loss nor a higher validation macro-F1, so training never ends while the loss is
+    still falling. The best evaluation is the highest macro-F1 (ties: the lower loss)."""
+
+    patience: int
+    min_epochs: float
+    best_f1: float = -1.0
+    best_loss: float = float("inf")
+    best_eval: int = -1
+    lowest_loss: float = float("inf")
+    since_progress: int = 0
+    evaluations: int = 0
+    stop: bool = False
+
+    LOSS_TOLERANCE = 1e-4  # a loss lower by less than this is no progress
+
+    def update(self, f1: float, loss: float, epoch: float) -> bool:
+        """Record one evaluation; True when it is the best so far."""
+        progress = loss < self.lowest_loss - self.LOSS_TOLERANCE or f1 > self.best_f1 + 1e-9
+        self.lowest_loss = min(self.lowest_loss, loss)
+        best = f1 > self.best_f1 + 1e-9 or (abs(f1 - self.best_f1) <= 1e-9 and loss < self.best_loss)
+        if best:
+            self.best_f1, self.best_loss, self.best_eval = f1, loss, self.evaluations
+        self.evaluations += 1
+        self.since_progress = 0 if progress else self.since_progress + 1
+        if self.patience and self.since_progress >= self.patience and epoch >= self.min_epochs - 1e-9:
+            self.stop = True
+        return best
+
+
 class CellClassificationTask:
     """Plugs cell classification into `train.train` (plan / batch / loss / evaluate / save).
 
-    Early stopping: after `plan.min_epochs`, training ends once `plan.patience` evaluations in a
-    row brought neither a lower validation loss nor a higher validation macro-F1, so it never
-    stops while the loss is still falling. The weights with the best validation macro-F1 (ties:
-    the lower loss) are kept.
+    Early stopping follows `EarlyStopping`; the weights of its best evaluation are kept.
     """
 
     name = "finetune"
@@ -234,13 +266,8 @@ class CellClassificationTask:
         self.lengths = shards.lengths.astype(np.int64)
         self.class_weights = class_weights
         self.plan_: TrainingPlan | None = None  # set by finetune_cells before training
-        self.best_f1 = -1.0
-        self.best_loss = float("inf")
-        self.best_eval = -1
+        self.stopping: EarlyStopping | None = None  # set with the plan
         self.best_state: dict[str, torch.Tensor] | None = None
-        self.lowest_loss = float("inf")
-        self.since_progress = 0
-        self.stop = False
         self.history: list[dict] = []
         # Validation tokens are read once and reused at every evaluation.
         self.val_tokens = shards.tokens(split.validation) if len(split.validation) else []
@@ -252,7 +279,15 @@ class CellClassificationTask:
         return [idx[b] for b in batches][rank::world_size]
 
     def batch(self, item, epoch: int, index: int):
-        return pack(self.shards.tokens(item), labels=torch.from_numpy(self.codes[item]))
+        cells = self.shards.tokens(item)
+        drop = self.opts.gene_dropout
+        if drop > 0:
+            # Each training cell loses a random share of its genes (special tokens stay); the
+            # rest keep their order. Seeded by (seed, epoch, batch) so a resumed run is the same.
+            rng = np.random.default_rng((self.opts.seed, epoch, index))
+            special = np.asarray(_special_ids(self.shards.special_tokens))
+            cells = [t[(rng.random(len(t)) >= drop) | np.isin(t, special)] for t in cells]
+        return pack(cells, labels=torch.from_numpy(self.codes[item]))
 
     def loss(self, model, batch):
         logits = model(batch)
@@ -271,33 +306,24 @@ class CellClassificationTask:
         self.history.append({"evaluation": len(self.history), "epoch": epoch, "macro_f1": m["macro_f1"],
                              "accuracy": m["accuracy"], "loss": loss})
         f1 = m["macro_f1"]
-        progress = loss < self.lowest_loss - 1e-4 or f1 > self.best_f1 + 1e-9
-        self.lowest_loss = min(self.lowest_loss, loss)
-        if f1 > self.best_f1 + 1e-9 or (abs(f1 - self.best_f1) <= 1e-9 and loss < self.best_loss):
-            self.best_f1, self.best_loss, self.best_eval = f1, loss, len(self.history) - 1
+        if self.stopping.update(f1, loss, epoch):
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        self.since_progress = 0 if progress else self.since_progress + 1
-        if plan.patience and self.since_progress >= plan.patience and epoch >= plan.min_epochs - 1e-9:
-            self.stop = True
         return {"macro_f1": f1, "accuracy": m["accuracy"], "loss": loss}
 
     def should_stop(self) -> bool:
-        return self.stop
+        return self.stopping.stop
 
     def save(self, model, out_dir: Path, extra: dict) -> None:
         """Nothing mid-run: the best weights are kept in memory and written once at the end."""
 
     # What a checkpoint holds beyond the loop's own state, so that a resumed run ends as an
     # uninterrupted one: the best weights so far and the early-stopping record.
-    STATE_FIELDS = ("best_f1", "best_loss", "best_eval", "lowest_loss", "since_progress", "stop", "history",
-                    "best_state")
-
     def state_dict(self) -> dict:
-        return {k: getattr(self, k, None) for k in self.STATE_FIELDS}
+        return {"stopping": dataclasses.asdict(self.stopping), "history": self.history, "best_state": self.best_state}
 
     def load_state_dict(self, state: dict) -> None:
-        for k, v in state.items():
-            setattr(self, k, v)
+        self.stopping = EarlyStopping(**state["stopping"])
+        self.history, self.best_state = state["history"], state["best_state"]
 
 
 def class_weights_for(codes: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -316,7 +342,8 @@ def finetune_cells(shard_dir: str | Path, out: str | Path, opts: FinetuneOptions
 
     The run builds `out` beside it (`cellrank_fm.outputs.partial_directory`), checkpointed at
     every evaluation; `resume=True` continues an interrupted run to the same result.
-    Returns {"metrics": test metrics, "baseline": baseline metrics or None, "split": Split}.
+    Returns {"metrics": test metrics, "baseline": LR baseline metrics or None, "token_probe": token
+    probe metrics or None, "split": Split}.
     """
     from cellrank_fm.checkpoint import save_model_dir
     from cellrank_fm.plots import confusion_matrix_png, curve_png
@@ -360,6 +387,7 @@ def finetune_cells(shard_dir: str | Path, out: str | Path, opts: FinetuneOptions
         plan = plan_training(opts, model.config.hidden_size, opts.from_model is not None,
                              task.lengths[task.train_idx], lambda tpb: len(task.plan(0, 0, 1, tpb)))
         task.plan_ = plan
+        task.stopping = EarlyStopping(plan.patience, plan.min_epochs)
         say(describe_plan(plan))
         cfg = TrainConfig(
             lr=plan.lr, lr_scales=plan.lr_scales, weight_decay=opts.weight_decay, warmup_steps=plan.warmup_steps,
@@ -373,23 +401,23 @@ def finetune_cells(shard_dir: str | Path, out: str | Path, opts: FinetuneOptions
         # split, the last weights do.
         if task.best_state is not None:
             model.load_state_dict(task.best_state)
-        save_model(model, tmp, {"step": summary["step"], "best_validation_macro_f1": task.best_f1})
+        save_model(model, tmp, {"step": summary["step"], "best_validation_macro_f1": task.stopping.best_f1})
         proba = predict_tokens(model, shards.tokens(split.test))
         y_test = split.codes("test")
         metrics = classification_metrics(y_test, proba.argmax(1), split.classes)
         metrics.update({
             "model": "cellrank fine-tuned classifier",
             "label_column": opts.label,
-            "best_validation_macro_f1": task.best_f1 if task.best_f1 >= 0 else None,
+            "best_validation_macro_f1": task.stopping.best_f1 if task.stopping.best_f1 >= 0 else None,
             "steps": summary["step"], "steps_per_epoch": plan.steps_per_epoch,
-            "stopped_early": bool(task.stop), "seconds": summary["seconds"],
+            "stopped_early": task.stopping.stop, "seconds": summary["seconds"],
             "training": plan.record(),
             "split": {"how": split.how, "seed": opts.seed, "train": len(split.train),
                       "validation": len(split.validation), "test": len(split.test),
                       "dropped_classes": split.dropped},
             "validation_history": task.history,
         })
-        baseline = None
+        baseline = probe = None
         if with_baseline:
             from cellrank_fm.baseline import run_baseline, table_from_shards, token_probe
 
@@ -411,7 +439,7 @@ def finetune_cells(shard_dir: str | Path, out: str | Path, opts: FinetuneOptions
         _write_split_csv(tmp / "split.csv", cell_ids, split)
         # The checkpoint only served --resume; the log stays.
         (tmp / "training" / STATE).unlink(missing_ok=True)
-    return {"metrics": metrics, "baseline": baseline, "split": split}
+    return {"metrics": metrics, "baseline": baseline, "token_probe": probe, "split": split}
 
 
 def describe_plan(plan: TrainingPlan) -> str:

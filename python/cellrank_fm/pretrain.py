@@ -31,6 +31,7 @@ from cellrank_fm.shards import CACHE_TOKENS, ShardSet, check_vocabulary
 from cellrank_fm.train import METRICS, STATE, TrainConfig, train
 
 BASELINE_TOKEN_BUDGET = 5_000_000  # tokens of training cells used to count frequencies
+PRETRAIN_METRICS = "metrics.json"  # the last validation figures and any warnings
 
 
 def default_lr(cfg: ModelConfig) -> float:
@@ -313,9 +314,6 @@ def _pretrain(shards_dir, out: Path, output: Claim, *, preset, config, from_dir,
         write_json({"steps": summary["step"], "lr": cfg.lr, **summary["last_eval"], "warnings": summary["warnings"]},
                    out / PRETRAIN_METRICS)
     return summary
-
-
-PRETRAIN_METRICS = "metrics.json"
 
 
 def learning_check(last_eval: dict) -> list[str]:

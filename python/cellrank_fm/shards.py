@@ -32,14 +32,14 @@ PART_GLOB = "part-*.parquet"  # finished parts
 TEMP_PART_GLOB = ".part-*"  # parts being written
 # The gene IDs a gene-set tokenization kept; model directories fine-tuned on it carry a copy.
 GENE_SET_FILE = "gene_set.json"
+# Tokens of parts kept in memory: 2^27 tokens are 256 MB at 16 bits a token (V1 and V2
+# vocabularies fit in 16 bits), about one part of 65,536 cells of 2,048 genes.
+CACHE_TOKENS = 1 << 27
 
 
 def part_file(index: int) -> str:
     """File name of part `index`."""
     return f"part-{index:05d}.parquet"
-# Tokens of parts kept in memory: 2^27 tokens are 256 MB at 16 bits a token (V1 and V2
-# vocabularies fit in 16 bits), about one part of 65,536 cells of 2,048 genes.
-CACHE_TOKENS = 1 << 27
 
 
 class ShardSet:

@@ -1,5 +1,7 @@
 """The Typer application that every command module registers on."""
 
+from typing import Annotated
+
 import typer
 
 app = typer.Typer(
@@ -29,9 +31,7 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _options(
-    version: bool = typer.Option(
-        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
-    ),
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     # Options of `cellrank` itself, before any command; no docstring, so the help above stands.
     pass

@@ -97,6 +97,7 @@ def finetune_cmd(
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate of the encoder (linear warm-up, then linear decay). Default: 1e-3 × 64 / hidden size, half that for a pretrained encoder; the new head always trains at the full rate.", rich_help_panel=TRAIN)] = None,
     tokens_per_batch: Annotated[Optional[int], typer.Option("--tokens-per-batch", help="Padded tokens per batch (default: about 32 cells, at most 16,384 tokens).", rich_help_panel=TRAIN)] = None,
     patience: Annotated[Optional[int], typer.Option("--patience", help="Stop after this many evaluations with neither a lower validation loss nor a higher macro-F1 (default: two epochs' worth; 0 = never).", rich_help_panel=TRAIN)] = None,
+    gene_dropout: Annotated[Optional[float], typer.Option("--gene-dropout", help="Leave out this share of each training cell's genes at random at every step (augmentation).", rich_help_panel=TRAIN)] = None,
     evals_per_epoch: Annotated[int, typer.Option("--evals-per-epoch", help="Validation evaluations per epoch.", rich_help_panel=TRAIN)] = 2,
     no_class_weight: NoClassWeight = False,
     max_cells: Annotated[Optional[int], typer.Option("--max-cells", help="Train on at most this many cells (seeded sample of the training split; --task genes: 2,000 by default).", rich_help_panel=TRAIN)] = None,
@@ -148,13 +149,14 @@ def finetune_cmd(
         raise UserError(f"--task must be cells or genes, not {task!r}.")
     result = api.finetune(
         shards, label=label, baseline=baseline, resume=resume, pooling=pooling, class_weight=not no_class_weight,
-        evals_per_epoch=evals_per_epoch, patience=patience, min_epochs=min_epochs, max_seconds=max_seconds,
+        evals_per_epoch=evals_per_epoch, gene_dropout=gene_dropout, patience=patience, min_epochs=min_epochs, max_seconds=max_seconds,
         split_by=split_by, split_column=split_column, validation_fraction=validation_fraction,
         test_fraction=test_fraction, min_class_size=min_class_size, **common,
     ).summary
     results = {"cellrank": result["metrics"]}
     if result["baseline"] is not None:
         results["baseline (logistic regression)"] = result["baseline"]
+        results["token probe"] = result["token_probe"]
     print_table(metrics_table(results, title=f"{label}: test split"))
     typer.echo(f"wrote the best checkpoint (validation macro-F1 "
                f"{result['metrics']['best_validation_macro_f1'] or float('nan'):.3f}) and metrics to {out}")
