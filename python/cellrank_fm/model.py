@@ -18,7 +18,9 @@ so no compute is spent on padding outside attention. Attention then runs as:
 
 The varlen kernel has no attention-probability dropout; with `attention_probs_dropout_prob > 0`
 training on the varlen path skips that dropout (hidden-state dropout still applies). Call
-`model.set_attn_impl("sdpa")` to force the padded path.
+`model.set_attn_impl("sdpa")` to force the padded path. Training and inference fix the path
+once at start-up with `cellrank_fm.accel.choose_attention` (the capability check), so "auto"
+is decided per call only when the model is used directly.
 """
 
 from __future__ import annotations
@@ -195,13 +197,12 @@ _ACTIVATIONS = {
 # ----------------------------------------------------------------------------- attention
 
 
-def varlen_available(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """Whether packed flash attention can run for this device and compute dtype."""
-    return (
-        _varlen_attn is not None
-        and torch.device(device).type == "cuda"
-        and dtype in (torch.float16, torch.bfloat16)
-    )
+def varlen_available(device: torch.device | str, dtype: torch.dtype, head_dim: int = 64) -> bool:
+    """Whether packed flash attention can run for this device, compute dtype and head size
+    (the static part of `cellrank_fm.accel.varlen_support`, which gives the reason when not)."""
+    from cellrank_fm.accel import varlen_support
+
+    return _varlen_attn is not None and varlen_support(device, dtype, head_dim) is None
 
 
 def padded_attention(q, k, v, batch: PackedBatch, dropout_p: float = 0.0) -> torch.Tensor:
@@ -239,7 +240,7 @@ class BertSelfAttention(nn.Module):
         q, k, v = self.query(x).view(shape), self.key(x).view(shape), self.value(x).view(shape)
         dropout_p = self.dropout_p if self.training else 0.0
         use_varlen = self.impl == "varlen" or (
-            self.impl == "auto" and varlen_available(q.device, q.dtype)
+            self.impl == "auto" and varlen_available(q.device, q.dtype, self.head_dim)
         )
         if use_varlen:
             out = _varlen_attn(
