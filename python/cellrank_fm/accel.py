@@ -161,7 +161,9 @@ def choose_attention(model: torch.nn.Module, precision: Precision, *, training: 
         if precision.device.type == "cuda" or requested == "varlen":
             warn_once(f"packed flash attention is off, using padded SDPA instead: {reason}.")
         return "sdpa", reason
-    model.set_attn_impl("varlen")
+    # "auto": the kernel for every half-precision call; a float32 call (e.g. outside autocast)
+    # takes padded SDPA, since the kernel has no float32 and would fail inside.
+    model.set_attn_impl("auto")
     if training and cfg.attention_probs_dropout_prob > 0:
         warn_once(f"the varlen flash kernel has no attention-probability dropout, so "
                   f"attention_probs_dropout_prob={cfg.attention_probs_dropout_prob} is not applied "

@@ -18,9 +18,10 @@ so no compute is spent on padding outside attention. Attention then runs as:
 
 The varlen kernel has no attention-probability dropout; with `attention_probs_dropout_prob > 0`
 training on the varlen path skips that dropout (hidden-state dropout still applies). Call
-`model.set_attn_impl("sdpa")` to force the padded path. Training and inference fix the path
-once at start-up with `cellrank_fm.accel.choose_attention` (the capability check), so "auto"
-is decided per call only when the model is used directly.
+`model.set_attn_impl("sdpa")` to force the padded path. Training and inference run the
+capability check once at start-up (`cellrank_fm.accel.choose_attention`): it leaves "auto" where
+the kernel works (then every half-precision call takes it) and sets "sdpa", with one warning
+naming the reason, where it does not.
 """
 
 from __future__ import annotations
@@ -198,11 +199,16 @@ _ACTIVATIONS = {
 
 
 def varlen_available(device: torch.device | str, dtype: torch.dtype, head_dim: int = 64) -> bool:
-    """Whether packed flash attention can run for this device, compute dtype and head size
-    (the static part of `cellrank_fm.accel.varlen_support`, which gives the reason when not)."""
-    from cellrank_fm.accel import varlen_support
-
-    return _varlen_attn is not None and varlen_support(device, dtype, head_dim) is None
+    """Whether a call on this device, in this compute dtype and head size, can take packed flash
+    attention. Cheap, so it runs per call; `cellrank_fm.accel.choose_attention` checks the GPU
+    and probes the kernel once at start-up and sets "sdpa" where it cannot run."""
+    return (
+        _varlen_attn is not None
+        and torch.device(device).type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and head_dim % 8 == 0
+        and head_dim <= 256
+    )
 
 
 def padded_attention(q, k, v, batch: PackedBatch, dropout_p: float = 0.0) -> torch.Tensor:
