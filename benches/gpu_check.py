@@ -12,10 +12,10 @@ Parts:
   length 1, one cell, cells at the maximum length, mixed V1/V2 special tokens, after freezing
   layers): logits/loss and every gradient. fp32: the kernel is `accel.reference_varlen_attn`
   (the flash kernel has no fp32), tolerance 1e-5 relative to the largest value compared. bf16:
-  the real kernel (on CPU the reference again) under autocast, tolerance 3e-2 relative. Plus
+  the real kernel (on CPU the reference again) under autocast, tolerance 5e-2 relative. Plus
   the kernel itself against the reference on random packed q/k/v.
 - compile: `torch.compile(dynamic=True)` against eager on batches of changing shapes: loss to
-  1e-4 (fp32) and the number of graphs compiled.
+  1e-4 in fp32 (and 1e-2 in bf16 through the kernel on a GPU), at most 3 graphs compiled.
 - pretrain: tokens/s, MFU and peak memory, ours (packed) vs `transformers.BertForMaskedLM`
   (SDPA, padded) on the same length-grouped batches, presets geneformer-v1 and
   geneformer-v2-104m, ours with and without compile.
@@ -53,7 +53,7 @@ from cellrank_fm.model import (BertForMaskedLM, BertForSequenceClassification, M
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 # Seconds per part on the GPU (the whole run fits in 8 minutes with start-up).
-BUDGET = {"numerics": 30, "compile": 90, "pretrain": 200, "finetune": 20, "inference": 20, "explain": 30,
+BUDGET = {"numerics": 30, "compile": 90, "pretrain": 120, "finetune": 20, "inference": 20, "explain": 30,
           "perturb": 30}
 TARGETS = {"pretrain_speedup_v2": 2.0, "pretrain_mfu_v2": 0.35, "shap_s_per_cell": 5.0, "perturb_job_h": 1.0}
 
@@ -176,7 +176,7 @@ def part_numerics(check: Check, budget_s: float) -> dict:
         oks = []
         for label, precision, kernel, rtol in (
             ("fp32", accel.Precision(dev, torch.float32), accel.reference_varlen_attn, 1e-5),
-            ("bf16", bf16, accel.reference_varlen_attn if bf16_reason else real_kernel, 3e-2),
+            ("bf16", bf16, accel.reference_varlen_attn if bf16_reason else real_kernel, 5e-2),
         ):
             model.set_attn_impl("sdpa")
             want_logits, want_grads = _forward_backward(model, kind, batch, labels, precision)
@@ -224,32 +224,39 @@ def part_compile(check: Check, budget_s: float) -> dict:
         ids, labels = mask_genes(b.input_ids.numpy(), spec, rng)
         b.input_ids, b.labels = torch.from_numpy(ids), torch.from_numpy(labels)
         batches.append(b.to(dev))
-    precision = accel.Precision(dev, torch.float32)
-    accel.configure_backends(precision)
-    torch.manual_seed(0)
-    model = BertForMaskedLM(cfg).to(dev).eval()
-    accel.choose_attention(model, precision)
-    with torch.no_grad():
-        eager = [model(b, labels=b.labels)[0].item() for b in batches]
-    torch._dynamo.reset()
-    before = counters["stats"]["unique_graphs"]
-    # The smoke run traces and counts graphs without inductor's code generation (minutes on a
-    # small CPU); tests/test_accel.py compiles with inductor through the training loop.
-    compiled = torch.compile(model, dynamic=True, backend="aot_eager" if check.smoke else "inductor")
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        got = [compiled(b, labels=b.labels)[0].item() for b in batches]
-    seconds = time.perf_counter() - t0
-    graphs = counters["stats"]["unique_graphs"] - before
-    err = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(got, eager))
-    ok = err <= 1e-4
-    check.record["checks"].append({"name": "compile vs eager loss", "max_rel_diff": err, "rtol": 1e-4, "ok": ok})
-    check.mismatches += not ok
-    bounded = graphs <= 3
-    check.row("compile", "torch.compile vs eager (fp32 loss)", f"{len(batches)} batches of changing shape",
-              f"rel. diff {err:.1e}, {graphs} graphs, {seconds:.0f} s", verdict="pass" if ok and bounded else "FAIL")
-    check.mismatches += not bounded
-    return {"max_rel_diff": err, "graphs": graphs, "seconds": seconds, "ok": ok, "graphs_bounded": bounded}
+    # fp32 on padded SDPA to 1e-4; on a GPU with the kernel also bf16 through varlen_attn (a
+    # custom op that must trace), to 1e-2 since fused kernels round differently in bf16.
+    runs = [("fp32", accel.Precision(dev, torch.float32), "sdpa", 1e-4)]
+    if accel.varlen_support(dev, torch.bfloat16, cfg.hidden_size // cfg.num_attention_heads) is None:
+        runs.append(("bf16", accel.Precision(dev, torch.bfloat16), "auto", 1e-2))
+    out = {}
+    for label, precision, requested, rtol in runs:
+        accel.configure_backends(precision)
+        torch.manual_seed(0)
+        model = BertForMaskedLM(cfg).to(dev).eval()
+        impl, _ = accel.choose_attention(model, precision, requested=requested)
+        with torch.no_grad(), precision.autocast():
+            eager = [model(b, labels=b.labels)[0].item() for b in batches]
+        torch._dynamo.reset()
+        before = counters["stats"]["unique_graphs"]
+        # The smoke run traces and counts graphs without inductor's code generation (minutes
+        # on a small CPU); tests/test_accel.py compiles with inductor through the training loop.
+        compiled = accel.compile_model(model, backend="aot_eager" if check.smoke else "inductor")
+        t0 = time.perf_counter()
+        with torch.no_grad(), precision.autocast():
+            got = [compiled(b, labels=b.labels)[0].item() for b in batches]
+        seconds = time.perf_counter() - t0
+        graphs = counters["stats"]["unique_graphs"] - before
+        err = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(got, eager))
+        ok = err <= rtol
+        bounded = graphs <= 3  # not one graph per batch shape
+        check.record["checks"].append({"name": f"compile vs eager loss {label}", "max_rel_diff": err, "rtol": rtol,
+                                       "graphs": graphs, "ok": ok and bounded})
+        check.mismatches += not (ok and bounded)
+        check.row("compile", f"torch.compile vs eager ({label} loss, {impl})", f"{len(batches)} batches of changing shape",
+                  f"rel. diff {err:.1e}, {graphs} graphs, {seconds:.0f} s", verdict="pass" if ok and bounded else "FAIL")
+        out[label] = {"max_rel_diff": err, "graphs": graphs, "seconds": seconds, "ok": ok, "graphs_bounded": bounded}
+    return out
 
 
 # ----------------------------------------------------------------------------- throughput
@@ -313,7 +320,7 @@ def part_pretrain(check: Check, budget_s: float) -> dict:
             if who == "ours":
                 model = BertForMaskedLM(cfg).to(dev).train()
                 impl, _ = accel.choose_attention(model, precision, training=True)
-                run = torch.compile(model, dynamic=True) if compiled else model
+                run = accel.compile_model(model) if compiled else model
                 batches = []
                 for cells, ids, labels in data:
                     b = pack(cells)

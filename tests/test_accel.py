@@ -244,7 +244,7 @@ class ToyTask:
 
     def plan(self, epoch, rank, world_size, tokens_per_batch):
         # Batches of 1 to 3 cells of different lengths, so that shapes change every step.
-        return [np.arange(i, min(i + 1 + i % 3, len(self.cells))) for i in range(0, len(self.cells), 3)]
+        return [np.arange(i, min(i + 1 + (i // 3) % 3, len(self.cells))) for i in range(0, len(self.cells), 3)]
 
     def batch(self, item, epoch, index):
         rng = np.random.default_rng(1000 * epoch + index)

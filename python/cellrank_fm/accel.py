@@ -90,6 +90,16 @@ def configure_backends(precision: Precision) -> None:
     torch.backends.cuda.enable_mem_efficient_sdp(True)
 
 
+def compile_model(model: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
+    """`torch.compile` for packed batches: shapes dynamic from the start (every batch has its own
+    token count and cell count), and data-dependent sizes traced rather than split off (the
+    masked-gene loss projects only the masked positions, `hidden[labels != -100]`)."""
+    import torch._dynamo
+
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    return torch.compile(model, dynamic=True, backend=backend)
+
+
 # ----------------------------------------------------------------------------- capability check
 
 

@@ -271,7 +271,7 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, out_dir: str | P
     out_dir.mkdir(parents=True, exist_ok=True)
 
     model.to(device)
-    from cellrank_fm.accel import choose_attention, configure_backends
+    from cellrank_fm.accel import choose_attention, compile_model, configure_backends
 
     precision = precision_for(cfg, device)
     configure_backends(precision)
@@ -308,7 +308,7 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, out_dir: str | P
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    run_model = torch.compile(model, dynamic=True) if cfg.compile else model
+    run_model = compile_model(model) if cfg.compile else model
 
     def evaluate(at_step: int) -> dict:
         result: dict = {}
