@@ -10,7 +10,7 @@
 The functions live in `cellrank_fm.api` (see its docstring for the conventions) and are
 imported on first use, so `import cellrank_fm` stays fast. Some share a name with the module
 of their stage (`tokenize`, `predict`, `embed`, `explain`, `perturb`, `finetune`, `pretrain`,
-`medians`, `baseline`): `cellrank_fm.predict` is always the function; import the module with
+`medians`, `baseline`, `score`): `cellrank_fm.predict` is always the function; import the module with
 `from cellrank_fm.predict import ...`.
 """
 
@@ -18,7 +18,7 @@ import sys
 import types
 
 _API = ("tokenize", "tokenize_anndata", "medians", "load_model", "pretrain", "finetune", "baseline",
-        "predict", "embed", "explain", "perturb")
+        "predict", "embed", "explain", "perturb", "score")
 _ELSEWHERE = {"UserError": "cellrank_fm.errors"}
 
 __all__ = [*_API, *_ELSEWHERE, "__version__"]

@@ -25,15 +25,19 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from cellrank_fm.explain import ExplainResult
+    from cellrank_fm.genesets import GeneSets
     from cellrank_fm.perturb import PerturbResult
     from cellrank_fm.shards import ShardSet
 
 PathLike = Union[str, os.PathLike]
 Model = Union[LoadedModel, TrainedModel, PathLike]
 Cells = Union["anndata.AnnData", PathLike]
+# Gene sets: a file (GMT, two-column CSV/TSV, the MitoCarta3.0 table), a list of files, a dict
+# {set name: genes (symbols or Ensembl IDs)}, or a `genesets.GeneSets` already resolved.
+GeneSetSource = Union[PathLike, Sequence[PathLike], "dict[str, Sequence[str]]", "GeneSets"]
 
 __all__ = ["tokenize", "tokenize_anndata", "medians", "load_model", "pretrain", "finetune", "baseline",
-           "predict", "embed", "explain", "perturb"]
+           "predict", "embed", "explain", "perturb", "score"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -68,6 +72,19 @@ def _names(value: str | Sequence[str] | None) -> list[str] | None:
     items = value.split(",") if isinstance(value, str) else list(value)
     items = [str(v).strip() for v in items if str(v).strip()]
     return items or None
+
+
+def _gene_sets(lm, gene_sets, level: int | None, min_size: int, sets, symbols: dict, progress: bool):
+    """The requested gene sets resolved against the model (None without `gene_sets`)."""
+    names = None if isinstance(sets, str) and sets.strip().lower() == "all" else _names(sets)
+    if gene_sets is None:
+        if names is not None or level is not None:
+            raise UserError("--sets and --gene-set-level need --gene-sets FILE.")
+        return None
+    from cellrank_fm.genesets import gene_sets_for_model
+
+    return gene_sets_for_model(lm, gene_sets, level=level, min_size=min_size, names=names, extra_symbols=symbols,
+                               progress=progress)
 
 
 # ----------------------------------------------------------------------------- data
@@ -468,6 +485,10 @@ def explain(
     permutations: int = 10,
     samples: int = 64,
     seed: int = 0,
+    value: str = "logit",
+    gene_sets: GeneSetSource | None = None,
+    gene_set_level: int | None = None,
+    min_set_size: int = 5,
     layer: str | None = None,
     tokens_per_batch: int = 65536,
     device: str = "auto",
@@ -487,10 +508,19 @@ def explain(
         classes: only cells of these classes; `all_classes`: every class's logit for each cell.
         per_class: explain this many cells per class, sampled with `seed` (default: all).
         permutations / samples: the methods' sample sizes.
+        value: the game's value, "logit" (the class logit) or "contrast" (the class logit minus
+            the mean of the other classes' logits, which cancels genes that raise every class).
+        gene_sets: also play the pathway game (the sets are the players; genes in no set stay
+            present) and aggregate the gene values per set against size-matched random sets:
+            a file, a list of files, or a dict {set name: genes}; `gene_set_level` picks the
+            MitoCarta3.0 hierarchy depth (1-3); sets with fewer than `min_set_size` genes the
+            model reads are left out.
 
     Returns:
         `ExplainResult`: `.importance` (per class and gene), `.values` (per cell and gene),
-        `.cells`; `.plot(kind="top"|"beeswarm"|"heatmap", cls=...)`, `.write(dir)`.
+        `.cells`, with gene sets `.pathways` (`.importance`: class, pathway, n_genes,
+        n_in_vocab, mean_abs_shap, mean_shap, std_err, p_value, fdr);
+        `.plot(kind="top"|"beeswarm"|"heatmap", cls=...)`, `.write(dir)`.
 
     Example:
         >>> res = cfm.explain(clf, adata, label="condition", per_class=50, method="gradient")
@@ -509,14 +539,16 @@ def explain(
     lm = as_model(model, device=device)
     require_cell_classifier(lm)
     wanted = _names(classes)
-    evaluator = Evaluator(lm.model, lm.info, tokens_per_batch)
+    evaluator = Evaluator(lm.model, lm.info, tokens_per_batch, value=value)
     if wanted:
         class_indices(evaluator.labels, wanted, "--classes value")
     symbols = gene_symbols(data, lm)
+    sets = _gene_sets(lm, gene_sets, gene_set_level, min_set_size, None, symbols, progress)
     cells = load_cells(data, lm, layer=layer)
     result = explain_cells(evaluator, cells, method=method, symbols=symbols,
                            label_column=label, classes=wanted, all_classes=all_classes, per_class=per_class,
-                           npermutations=permutations, nsamples=samples, seed=seed, quiet=not progress)
+                           npermutations=permutations, nsamples=samples, seed=seed, gene_sets=sets,
+                           quiet=not progress)
     result.settings.update(model=str(lm.path), input=_name(data))
     return result
 
@@ -534,6 +566,10 @@ def perturb(
     mode: str = "delete",
     hidden_layer: int = -1,
     null_genes: int = 50,
+    gene_sets: GeneSetSource | None = None,
+    gene_set_level: int | None = None,
+    min_set_size: int = 5,
+    sets: str | Sequence[str] | None = None,
     max_cells: int | None = None,
     seed: int = 0,
     layer: str | None = None,
@@ -556,11 +592,14 @@ def perturb(
             `as_set=True` perturbs the listed genes together.
         mode: "delete" or "overexpress".
         null_genes: with a gene list, random genes (or sets) perturbed as the null.
+        gene_sets: perturb whole gene sets instead of genes (files, or a dict {set name:
+            genes}; `sets` picks some by name, default all), each against `null_genes` random
+            expressed-gene sets of its expressed size.
         max_cells: perturb at most this many start cells (sampled with `seed`).
 
     Returns:
-        `PerturbResult`: `.genes` (per gene: shifts, p-value, FDR), `.shifts` (per cell and
-        gene); `.plot()`, `.write(dir)`.
+        `PerturbResult`: `.genes` (per gene, or with gene sets per `pathway`: shifts, p-value,
+        FDR), `.shifts` (per cell and gene or set); `.plot()`, `.write(dir)`.
 
     Example:
         >>> per = cfm.perturb(clf, adata, state_column="condition", start_state="stim",
@@ -578,7 +617,11 @@ def perturb(
     symbols = gene_symbols(data, lm)
     evaluator = Evaluator(lm.model, lm.info, tokens_per_batch)
     gene_ids = None
-    if isinstance(genes, str) and genes.strip().lower() == "all":
+    every_gene = isinstance(genes, str) and genes.strip().lower() == "all"
+    if gene_sets is not None and (not every_gene or as_set):
+        raise UserError("give either --gene-sets (whole pathways) or --genes, not both.")
+    chosen = _gene_sets(lm, gene_sets, gene_set_level, min_set_size, sets, symbols, progress)
+    if every_gene:
         if as_set:
             raise UserError("--as-set needs a gene list in --genes.")
     else:
@@ -589,7 +632,100 @@ def perturb(
     cells = load_cells(data, lm, layer=layer)
     result = perturb_cells(evaluator, cells, state_column=state_column, start_state=start_state,
                            goal_state=goal_state, alt_states=_names(alt_states) or [], genes=gene_ids, as_set=as_set,
-                           mode=mode, layer=hidden_layer, max_cells=max_cells, null_genes=null_genes, seed=seed,
-                           symbols=symbols, quiet=not progress)
+                           mode=mode, layer=hidden_layer, max_cells=max_cells, null_genes=null_genes,
+                           gene_sets=chosen, seed=seed, symbols=symbols, quiet=not progress)
     result.settings.update(model=str(lm.path), input=_name(data))
     return result
+
+
+def score(
+    data: Cells | ShardSet,
+    gene_sets: GeneSetSource,
+    *,
+    model: Model | None = None,
+    vocab: PathLike | dict[str, int] | None = None,
+    medians: PathLike | dict[str, float] | None = None,
+    gene_map: Sequence[PathLike] = (),
+    model_version: str = "v1",
+    model_input_size: int | None = None,
+    gene_set_level: int | None = None,
+    min_set_size: int = 5,
+    sets: str | Sequence[str] | None = None,
+    auc_max_rank: int | None = None,
+    groupby: str | None = None,
+    key_added: str = "cellrank_pathways",
+    layer: str | None = None,
+    copy: bool = False,
+    chunk_cells: int = 8192,
+    progress: bool = True,
+) -> anndata.AnnData | None:
+    """Per-cell pathway activity from the rank-value encoding: AUCell's recovery AUC of each set.
+
+    For each cell and set, the area under the curve counting the set's genes among the cell's
+    top 1..R ranked tokens (R = `auc_max_rank`, default 5% of the genes the encoding ranks),
+    divided by its maximum for a set of that size: 1 means the set holds the cell's top genes,
+    0 that none of its genes is in the top R. No model is run; cells are streamed in chunks.
+
+    Args:
+        data: raw counts (an AnnData, in memory or backed, or an .h5ad path), tokenized as
+            `model` was trained or with `vocab` and `medians`; or a token shard directory.
+        gene_sets: a file (GMT, two-column CSV/TSV, the MitoCarta3.0 table), a list of files,
+            or a dict {set name: genes}; `gene_set_level` picks the MitoCarta depth (1-3),
+            `sets` some sets by name; sets with fewer than `min_set_size` readable genes are
+            left out.
+        groupby: an obs column; each group is compared with the other cells per set (rank-sum
+            test, Benjamini-Hochberg FDR over every test).
+        copy: return a copy with the results instead of writing into `adata`.
+
+    Returns:
+        None (results written into `data`), or the annotated AnnData with `copy=True`, a path,
+        or a shard directory (a new AnnData of its cells' metadata). obsm `key_added` (cells x
+        sets, float32, NaN for a cell without any readable gene), uns `{key_added}_names` (the
+        columns), uns `key_added` (settings and set sizes), and with `groupby` uns
+        `{key_added}_{groupby}` (group, pathway, n_cells, mean_auc, mean_auc_rest, difference,
+        p_value, fdr).
+
+    Example:
+        >>> cfm.score(adata, "Human.MitoCarta3.0.csv", model="classifier/", gene_set_level=1,
+        ...           groupby="cell_type")
+        >>> adata.uns["cellrank_pathways_cell_type"].head()
+    """
+    import anndata as ad
+
+    from cellrank_fm.inference import as_model, gene_symbols, is_anndata
+    from cellrank_fm.score import (anndata_chunks, annotate, encoding_from_files, encoding_from_model,
+                                   encoding_from_shards, max_rank_for, score_chunks, shard_chunks, shard_obs)
+    from cellrank_fm.shards import ShardSet
+
+    if chunk_cells < 1:
+        raise UserError("--chunk-cells must be at least 1.")
+    from_shards = isinstance(data, ShardSet) or (not is_anndata(data) and Path(data).is_dir())
+    if from_shards:
+        shards = data if isinstance(data, ShardSet) else ShardSet(data)
+        enc = encoding_from_shards(shards)
+        lm = None
+    elif model is not None:
+        lm = as_model(model, device="cpu")  # only its tokenization is used
+        enc = encoding_from_model(lm)
+    elif vocab is not None and medians is not None:
+        lm, enc = None, encoding_from_files(vocab, medians, gene_map, model_version, model_input_size)
+    else:
+        raise UserError("scoring raw counts needs the tokenization: give --model DIR, or --vocab and --medians.")
+    if not from_shards and not is_anndata(data) and not Path(data).exists():
+        raise UserError(f"input {data} does not exist.")
+    extra = {} if from_shards or lm is None else gene_symbols(data, lm)
+    chosen = _gene_sets(enc, gene_sets, gene_set_level, min_set_size, sets, extra, progress)
+    if chosen is None:
+        raise UserError("score needs --gene-sets FILE.")
+    max_rank = max_rank_for(enc, auc_max_rank)
+    if from_shards:
+        target, give_back = ad.AnnData(obs=shard_obs(shards)), True
+        chunks = shard_chunks(shards.path, chunk_cells)
+    else:
+        target, give_back = _target(data, copy)
+        chunks = anndata_chunks(target, enc, chunk_cells, layer)
+    scores = score_chunks(chunks, target.n_obs, chosen, enc, max_rank, progress)
+    settings = dict(input=_name(data), model=str(lm.path) if lm is not None else None, auc_max_rank=max_rank,
+                    **chosen.settings())
+    annotate(target, scores, chosen, settings, key_added, groupby)
+    return target if give_back else None

@@ -17,6 +17,22 @@ import torch
 IGNORE_INDEX = -100
 
 
+class _lazy:
+    """`functools.cached_property` without its lock: Python 3.11's version takes an RLock,
+    which torch.compile cannot trace, so each first use inside a compiled model split the graph."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.name = fn.__name__
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.fn(obj)  # later reads find the instance attribute
+        return value
+
+
 @dataclass
 class PackedBatch:
     input_ids: torch.Tensor  # [T] int64
@@ -38,21 +54,21 @@ class PackedBatch:
     def device(self) -> torch.device:
         return self.input_ids.device
 
-    @cached_property
+    @_lazy
     def lengths(self) -> torch.Tensor:
         return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
 
-    @cached_property
+    @_lazy
     def seq_index(self) -> torch.Tensor:
         """[T]: which cell each token belongs to."""
         return torch.repeat_interleave(torch.arange(self.num_seqs, device=self.device), self.lengths)
 
-    @cached_property
+    @_lazy
     def pad_index(self) -> torch.Tensor:
         """[T]: each token's flat index in a padded [B, max_seqlen] grid."""
         return self.seq_index * self.max_seqlen + self.position_ids
 
-    @cached_property
+    @_lazy
     def key_mask(self) -> torch.Tensor:
         """[B, max_seqlen] bool: True where a real token sits in the padded grid."""
         return torch.arange(self.max_seqlen, device=self.device)[None, :] < self.lengths[:, None]

@@ -42,8 +42,12 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from cellrank_fm.inference import Cells
+    from cellrank_fm.pathways import PathwayResult
 
 METHODS = ("permutation", "gradient")
+# The game's value: the explained class's logit, or that logit minus the mean of the other
+# classes' logits ("contrast"), which cancels what raises every class alike.
+VALUES = ("logit", "contrast")
 
 
 # ----------------------------------------------------------------------------- the game's model
@@ -56,7 +60,10 @@ class Evaluator:
     every gene removed) and counts the model evaluations.
     """
 
-    def __init__(self, model, info, tokens_per_batch: int = 65536):
+    def __init__(self, model, info, tokens_per_batch: int = 65536, value: str = "logit"):
+        if value not in VALUES:
+            raise UserError(f"unknown --value {value!r}; use one of {', '.join(VALUES)}.")
+        self.value = value
         self.model = model
         self.info = info
         self.device = next(model.parameters()).device
@@ -94,6 +101,10 @@ class Evaluator:
         """Class logits [N, C] of token sequences (an empty sequence is the empty V1 cell)."""
         return self._run(seqs, self.model, len(self.labels))
 
+    def values(self, seqs: Sequence[np.ndarray], classes: Sequence[int]) -> np.ndarray:
+        """The game's value [N, k] of token sequences for `classes` (see `VALUES`)."""
+        return game_value(self.logits(seqs), classes, self.value)
+
     def embeddings(self, seqs: Sequence[np.ndarray], layer: int = -1) -> np.ndarray:
         """Cell embeddings [N, H]: the mean of the gene tokens' hidden states after `layer`."""
         from cellrank_fm.model import pool
@@ -118,6 +129,16 @@ class Evaluator:
                     raise UserError("this model pools the <cls> token but its cells have none; the empty cell is undefined.")
                 return self.model.classifier(self.model.bert.pooler(zero)).float().cpu().numpy()[0]
             return np.zeros(width)
+
+
+def game_value(logits, classes: Sequence[int], value: str = "logit"):
+    """Columns `classes` of [N, C] logits (NumPy or torch), or with "contrast" each minus the mean
+    of the other classes' logits (for two classes: half the logit difference)."""
+    chosen = logits[:, list(classes)]
+    if value == "logit" or logits.shape[1] < 2:
+        return chosen
+    total = logits.sum(1)[:, None]
+    return chosen - (total - chosen) / (logits.shape[1] - 1)
 
 
 # ----------------------------------------------------------------------------- one cell
@@ -174,7 +195,7 @@ def permutation_values(evaluator: Evaluator, tokens: np.ndarray, classes: Sequen
     classes = np.asarray(classes, dtype=np.int64)
 
     def game(masks: np.ndarray) -> np.ndarray:
-        return evaluator.logits(coalition_sequences(prefix, genes, suffix, masks))[:, classes]
+        return evaluator.values(coalition_sequences(prefix, genes, suffix, masks), classes)
 
     full = game(np.ones((1, len(genes)), dtype=bool))[0]
     base = game(np.zeros((1, len(genes)), dtype=bool))[0]
@@ -225,7 +246,7 @@ def gradient_values(evaluator: Evaluator, tokens: np.ndarray, classes: Sequence[
             b = e.shape[0]
             if b not in packs:
                 packs[b] = pack([tokens] * b, device)
-            return model(packs[b], inputs_embeds=e.reshape(-1, e.shape[-1]))[:, classes]
+            return game_value(model(packs[b], inputs_embeds=e.reshape(-1, e.shape[-1])), classes, evaluator.value)
 
     wrapper = EmbeddingInput()
     with torch.no_grad():
@@ -265,6 +286,7 @@ class ExplainResult:
     method: str
     settings: dict = field(default_factory=dict)
     evaluations: int = 0
+    pathways: PathwayResult | None = None  # the pathway game and aggregation, when gene sets were given
 
     @property
     def classes(self) -> list[str]:
@@ -341,6 +363,7 @@ def explain_cells(
     nsamples: int = 64,
     seed: int = 0,
     symbols: dict[str, str] | None = None,
+    gene_sets=None,
     quiet: bool = False,
 ) -> ExplainResult:
     """Explain cells of `cells` with `method`; see the module docstring for the game.
@@ -348,7 +371,8 @@ def explain_cells(
     Each cell is explained for its *group* class — its true class from `label_column`, or the
     model's prediction when no column is given — and with `all_classes` for every class too.
     `classes` keeps only the cells whose group is one of them. `per_class` samples that many
-    cells per group with `seed`.
+    cells per group with `seed`. With `gene_sets` (`genesets.GeneSets`), the same cells and
+    classes are also explained by the pathway game, and the result's `pathways` holds it.
     """
     import pandas as pd
 
@@ -385,6 +409,11 @@ def explain_cells(
     seeds = np.random.SeedSequence(seed).generate_state(len(cells), dtype=np.uint32)
     value_frames, cell_rows = [], []
     total_genes = int(sum(len(evaluator.split(cells.tokens[i])[1]) for i in chosen))
+    set_game = None
+    if gene_sets is not None:
+        from cellrank_fm.pathways import PathwayGame
+
+        set_game = PathwayGame(evaluator, gene_sets, npermutations)
     with progress_bar("genes", quiet=quiet) as bar:
         task = bar.add_task(f"explaining {len(chosen)} cells ({method})", total=total_genes)
         for i in chosen:
@@ -412,6 +441,8 @@ def explain_cells(
                     "sum_shap": float(cv.values[:, j].sum()), "additivity_gap": float(gaps[j]),
                     "median_stderr": float(np.nanmedian(cv.stderr[:, j])) if n and method == "permutation" else np.nan,
                 })
+            if set_game is not None:
+                set_game.add(cells.cell_ids[i], group[i], cells.tokens[i], explained, int(seeds[i]))
             bar.advance(task, n)
     values = pd.concat(value_frames, ignore_index=True)
     cells_df = pd.DataFrame(cell_rows)
@@ -419,7 +450,9 @@ def explain_cells(
     return ExplainResult(values, cells_df, importance, method, settings=dict(
         method=method, label_column=label_column, per_class=per_class, npermutations=npermutations,
         nsamples=nsamples, seed=seed, all_classes=all_classes, classes=list(classes) if classes else None,
-    ), evaluations=evaluator.evaluations)
+        value=evaluator.value,
+    ), evaluations=evaluator.evaluations,
+        pathways=None if set_game is None else set_game.result(importance, values, seed=seed))
 
 
 def class_importance(values, cells) -> "object":
@@ -478,8 +511,11 @@ def write_outputs(result: ExplainResult, out_dir: str | Path, top: int = 20, ove
         result.cells.to_parquet(tmp / "cells.parquet", index=False)
         result.importance.to_parquet(tmp / "gene_importance.parquet", index=False)
         result.importance.to_csv(tmp / "gene_importance.csv", index=False)
-        write_json(result.settings, tmp / "settings.json")
+        settings = result.settings if result.pathways is None else {**result.settings, **result.pathways.settings}
+        write_json(settings, tmp / "settings.json")
         plot_importance(result, tmp, top=top)
+        if result.pathways is not None:
+            result.pathways.write_into(tmp, top=top)
     return out_dir
 
 

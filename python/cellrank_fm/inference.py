@@ -137,6 +137,7 @@ def load_model(path: PathLike, *, device: str = "auto", gene_id_column: str | No
         mapping = GeneMapping.from_table(info.gene_map, str(path / GENE_MAP_FILE))
     model.to(pick_device(device))
     model.eval()
+    prepare(model, next(model.parameters()).device)
     return LoadedModel(model, info, info.vocabulary, info.medians, version, ours.get("model_input_size"),
                        gene_set, gene_id_column or ours.get("gene_id_column"), mapping)
 
@@ -231,10 +232,20 @@ class TrainedModel:
 
 
 def autocast(device: torch.device):
-    """bfloat16 autocast on CUDA (the variable-length flash attention path), full precision elsewhere."""
-    import torch
+    """bfloat16 autocast on CUDA (the variable-length flash attention path), full precision
+    elsewhere: `accel.resolve_precision`'s "auto"."""
+    from cellrank_fm.accel import resolve_precision
 
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return resolve_precision(device).autocast()
+
+
+def prepare(model, device: torch.device) -> None:
+    """Backend flags and the attention path for inference, decided once (the capability check)."""
+    from cellrank_fm.accel import choose_attention, configure_backends, resolve_precision
+
+    precision = resolve_precision(device)
+    configure_backends(precision)
+    choose_attention(model, precision)
 
 
 def run_batches(model, tokens: Sequence[np.ndarray], fn: Callable[[np.ndarray, PackedBatch], None], *,

@@ -18,7 +18,10 @@ so no compute is spent on padding outside attention. Attention then runs as:
 
 The varlen kernel has no attention-probability dropout; with `attention_probs_dropout_prob > 0`
 training on the varlen path skips that dropout (hidden-state dropout still applies). Call
-`model.set_attn_impl("sdpa")` to force the padded path.
+`model.set_attn_impl("sdpa")` to force the padded path. Training and inference run the
+capability check once at start-up (`cellrank_fm.accel.choose_attention`): it leaves "auto" where
+the kernel works (then every half-precision call takes it) and sets "sdpa", with one warning
+naming the reason, where it does not.
 """
 
 from __future__ import annotations
@@ -195,12 +198,16 @@ _ACTIVATIONS = {
 # ----------------------------------------------------------------------------- attention
 
 
-def varlen_available(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """Whether packed flash attention can run for this device and compute dtype."""
+def varlen_available(device: torch.device | str, dtype: torch.dtype, head_dim: int = 64) -> bool:
+    """Whether a call on this device, in this compute dtype and head size, can take packed flash
+    attention. Cheap, so it runs per call; `cellrank_fm.accel.choose_attention` checks the GPU
+    and probes the kernel once at start-up and sets "sdpa" where it cannot run."""
     return (
         _varlen_attn is not None
         and torch.device(device).type == "cuda"
         and dtype in (torch.float16, torch.bfloat16)
+        and head_dim % 8 == 0
+        and head_dim <= 256
     )
 
 
@@ -239,7 +246,7 @@ class BertSelfAttention(nn.Module):
         q, k, v = self.query(x).view(shape), self.key(x).view(shape), self.value(x).view(shape)
         dropout_p = self.dropout_p if self.training else 0.0
         use_varlen = self.impl == "varlen" or (
-            self.impl == "auto" and varlen_available(q.device, q.dtype)
+            self.impl == "auto" and varlen_available(q.device, q.dtype, self.head_dim)
         )
         if use_varlen:
             out = _varlen_attn(

@@ -42,6 +42,9 @@ class PerturbResult:
       `median_shift_goal`, `mean_shift_<state>` per alternative state, `p_value`, `fdr`,
       `null_mean_shift_goal`; strongest first;
     - `shifts`: every cell × gene shift (`cell_id`, `shift_goal`, ..., `is_null`, `gene_id`).
+
+    With gene sets, `pathway` (and `n_genes`, `n_in_vocab`, `n_expressed`, `null_pool`) replace
+    the gene columns, and `.write` names the table pathways.parquet/.csv.
     """
 
     genes: pd.DataFrame
@@ -120,6 +123,7 @@ def perturb_cells(
     layer: int = -1,
     max_cells: int | None = None,
     null_genes: int = 20,
+    gene_sets=None,
     seed: int = 0,
     chunk_tokens: int = 1 << 20,
     symbols: dict[str, str] | None = None,
@@ -127,6 +131,8 @@ def perturb_cells(
 ) -> PerturbResult:
     """Perturb the start-state cells; `genes` None means every gene they express.
 
+    With `gene_sets` (`genesets.GeneSets`) each whole set is perturbed instead, against random
+    expressed-gene sets of its expressed size; the tables then name a `pathway` per row.
     `symbols` (gene ID -> symbol, for display) defaults to the model's.
     """
     import pandas as pd
@@ -162,28 +168,47 @@ def perturb_cells(
     split = [evaluator.split(cells.tokens[i]) for i in start]
     original = evaluator.embeddings([cells.tokens[i] for i in start], layer)
 
-    # What to perturb in each cell: (key, positions) pairs. Keys are token ids, "set", or
-    # ("null", j) for the j-th random gene (or random gene set of the same size).
-    wanted = None if genes is None else [vocab[g] for g in genes]
-    null_draws: list[np.ndarray] = []
-    if wanted is not None:
+    # What to perturb: with a gene list or gene sets, groups of tokens, each tested against its
+    # null — random expressed genes (one shared null for single genes), or for a set, random
+    # expressed-gene sets as large as the set's expressed part. Gene-set nulls are drawn outside
+    # every perturbed set, so a random set does not carry another pathway's effect (which would
+    # make an inert set look "less than random"); when too few such genes remain (a model that
+    # reads only the sets' genes), outside the set itself. Plan keys: a token id (every gene),
+    # ("g", i) for group i, ("null", n, j) for draw j of null n.
+    groups: list[tuple[str, np.ndarray]] | None = None
+    if gene_sets is not None or genes is not None:
         expressed = np.unique(np.concatenate([s[1] for s in split]))
-        pool = np.setdiff1d(expressed, np.asarray(wanted, dtype=np.int64))
-        size = len(wanted) if as_set else 1
-        if len(pool) >= size:
-            null_draws = [rng.choice(pool, size=size, replace=False) for _ in range(null_genes)]
+        if gene_sets is not None:
+            groups = [(gs.name, np.array([vocab[g] for g in gs.genes], dtype=np.int64)) for gs in gene_sets.sets]
+        elif as_set:
+            groups = [("+".join(genes), np.array([vocab[g] for g in genes], dtype=np.int64))]
+        else:
+            groups = [(g, np.array([vocab[g]], dtype=np.int64)) for g in genes]
+        if gene_sets is None and not as_set:
+            group_null = [0] * len(groups)
+            nulls = [(1, np.setdiff1d(expressed, np.concatenate([t for _, t in groups])))]
+        else:
+            group_null = list(range(len(groups)))
+            outside_all = np.setdiff1d(expressed, np.concatenate([t for _, t in groups]))
+            nulls = []
+            for _, t in groups:
+                size = len(np.intersect1d(t, expressed))
+                # Twice the size: enough distinct genes for the draws to differ from one another.
+                nulls.append((size, outside_all if len(outside_all) >= 2 * size else np.setdiff1d(expressed, t)))
+        null_draws = [[rng.choice(pool, size=size, replace=False) for _ in range(null_genes)]
+                      if 0 < size <= len(pool) else [] for size, pool in nulls]
     plans = []
     for _, g, _ in split:
         pos = {int(t): p for p, t in enumerate(g)}
-        if wanted is None:
+        if groups is None:
             plans.append([(int(t), np.array([p])) for p, t in enumerate(g)])
             continue
 
         def hits(toks, pos=pos):
             return np.array([pos[int(t)] for t in toks if int(t) in pos], dtype=np.int64)
 
-        plan = [("set", hits(wanted))] if as_set else [(t, hits([t])) for t in wanted]
-        plan += [(("null", j), hits(d)) for j, d in enumerate(null_draws)]
+        plan = [(("g", i), hits(t)) for i, (_, t) in enumerate(groups)]
+        plan += [(("null", n, j), hits(d)) for n, draws in enumerate(null_draws) for j, d in enumerate(draws)]
         plans.append([(k, p) for k, p in plan if len(p)])
 
     total = sum(len(p) for p in plans)
@@ -221,49 +246,80 @@ def perturb_cells(
                            "shift_goal": np.asarray(shift_goal, dtype=np.float64)})
     for a in alt_states:
         shifts[f"shift_{a}"] = np.asarray(shift_alt[a], dtype=np.float64)
-    shifts["is_null"] = [isinstance(k, tuple) for k in rows_key]
-    label = lambda k: "+".join(genes) if k == "set" else inv.get(k[1] if isinstance(k, tuple) else k, str(k))  # noqa: E731
+    shifts["is_null"] = [isinstance(k, tuple) and k[0] == "null" for k in rows_key]
+
+    def label(k) -> str:
+        if not isinstance(k, tuple):
+            return inv.get(k, str(k))
+        return groups[k[1]][0] if k[0] == "g" else f"null:{k[1]}:{k[2]}"
+
     shifts["gene_id"] = [label(k) for k in rows_key]
-    shifts["gene_symbol"] = [symbols.get(g, g) if "+" not in g else "+".join(symbols.get(x, x) for x in g.split("+"))
-                             for g in shifts["gene_id"]]
-    null = shifts["shift_goal"].to_numpy() if wanted is None else shifts.loc[shifts["is_null"], "shift_goal"].to_numpy()
-    if len(null) < 2:
+    shifts["gene_symbol"] = [g if gene_sets is not None or g.startswith("null:") else
+                             "+".join(symbols.get(x, x) for x in g.split("+")) for g in shifts["gene_id"]]
+    null_of = np.array([k[1] if isinstance(k, tuple) and k[0] == "null" else -1 for k in rows_key])
+    group_of = {name: i for i, (name, _) in enumerate(groups or [])}
+    goal_shift = shifts["shift_goal"].to_numpy()
+    if groups is None:
+        nulls_shift = [goal_shift]
+    else:
+        nulls_shift = [goal_shift[null_of == n] for n in range(len(null_draws))]
+    if max(len(x) for x in nulls_shift) < 2:
         raise UserError("too few null perturbations to test against; raise --null-genes or perturb more cells.")
     stats = []
     for gid, sub in shifts[~shifts["is_null"]].groupby("gene_id", sort=False):
+        null = nulls_shift[0 if groups is None else group_null[group_of[gid]]]
         s = sub["shift_goal"].to_numpy()
-        p = mannwhitneyu(s, null, alternative="two-sided").pvalue if len(s) >= 2 else np.nan
+        p = mannwhitneyu(s, null, alternative="two-sided").pvalue if len(s) >= 2 and len(null) >= 2 else np.nan
         row = {"gene_id": gid, "gene_symbol": sub["gene_symbol"].iloc[0], "n_cells": len(s),
                "mean_shift_goal": s.mean(), "median_shift_goal": float(np.median(s))}
         for a in alt_states:
             row[f"mean_shift_{a}"] = sub[f"shift_{a}"].mean()
         row["p_value"] = p
+        row["null_mean_shift_goal"] = float(null.mean()) if len(null) else np.nan
         stats.append(row)
     table = pd.DataFrame(stats)
     ok = table["p_value"].notna().to_numpy()
     table["fdr"] = np.nan
     if ok.any():
         table.loc[ok, "fdr"] = false_discovery_control(table.loc[ok, "p_value"].to_numpy(), method="bh")
-    table["null_mean_shift_goal"] = float(null.mean())
     table = table.sort_values(["fdr", "mean_shift_goal"], ascending=[True, False], na_position="last").reset_index(drop=True)
     shifts = shifts.drop(columns=["key"])
+    if gene_sets is not None:
+        expressed_size = {name: size for (name, _), (size, _) in zip(groups, nulls)}
+        outside = {name: "outside every set" if pool is outside_all else "outside this set"
+                   for (name, _), (_, pool) in zip(groups, nulls)}
+        table, shifts = _as_pathways(table, shifts, gene_sets, expressed_size)
+        table["null_pool"] = [outside[p] for p in table["pathway"]]
     return PerturbResult(table, shifts, settings=dict(
         state_column=state_column, start_state=start_state, goal_state=goal_state, alt_states=list(alt_states),
         genes="all" if genes is None else list(genes), as_set=as_set, mode=mode, layer=layer,
+        **({} if gene_sets is None else gene_sets.settings()),
         max_cells=max_cells, null_genes=null_genes, seed=seed, cells_perturbed=int(len(start)),
     ))
 
 
+def _as_pathways(table, shifts, gene_sets, expressed: dict[str, int]):
+    """The set-level tables: `pathway` instead of gene columns, with the set's sizes."""
+    sizes = {s.name: (s.n_genes, s.n_in_vocab) for s in gene_sets.sets}
+    table = table.rename(columns={"gene_id": "pathway"}).drop(columns=["gene_symbol"])
+    table.insert(1, "n_genes", [sizes[p][0] for p in table["pathway"]])
+    table.insert(2, "n_in_vocab", [sizes[p][1] for p in table["pathway"]])
+    table.insert(3, "n_expressed", [expressed[p] for p in table["pathway"]])
+    return table, shifts.rename(columns={"gene_id": "pathway"}).drop(columns=["gene_symbol"])
+
+
 def write_outputs(result: PerturbResult, out_dir: str | Path, top: int = 20, overwrite: bool = False) -> Path:
-    """genes.parquet/.csv, shifts.parquet, settings.json and a PNG, all or nothing."""
+    """genes.parquet/.csv (pathways.parquet/.csv for gene sets), shifts.parquet, settings.json and
+    a PNG, all or nothing."""
     from cellrank_fm.errors import write_json
     from cellrank_fm.outputs import new_directory
 
     out_dir = Path(out_dir)
+    name = "pathways" if "pathway" in result.genes.columns else "genes"
     with new_directory(out_dir, overwrite), atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        result.genes.to_parquet(tmp / "genes.parquet", index=False)
-        result.genes.to_csv(tmp / "genes.csv", index=False)
+        result.genes.to_parquet(tmp / f"{name}.parquet", index=False)
+        result.genes.to_csv(tmp / f"{name}.csv", index=False)
         result.shifts.to_parquet(tmp / "shifts.parquet", index=False)
         write_json(result.settings, tmp / "settings.json")
         plot_shifts(result, tmp / "shifts.png", top=top)
@@ -284,6 +340,7 @@ def plot_shifts(result: PerturbResult, path: Path, top: int = 20) -> None:
 def draw_shifts(ax, result: PerturbResult, top: int = 20) -> None:
     """Volcano: mean shift toward the goal vs −log10 FDR; the `top` strongest genes labelled."""
     t = result.genes
+    names = t["pathway"] if "pathway" in t.columns else t["gene_symbol"]
     fdr = t["fdr"].fillna(1.0).clip(lower=1e-300).to_numpy()
     y = -np.log10(fdr)
     x = t["mean_shift_goal"].to_numpy()
@@ -292,9 +349,9 @@ def draw_shifts(ax, result: PerturbResult, top: int = 20) -> None:
     ax.scatter(x[~sig], y[~sig], s=8, color="#bbbbbb", linewidths=0, label="FDR ≥ 0.05")
     ax.scatter(x[sig], y[sig], s=12, color="#cc3311", linewidths=0, label="FDR < 0.05")
     ax.axhline(-np.log10(0.05), color="grey", linestyle="--", linewidth=0.7)
-    ax.axvline(float(t["null_mean_shift_goal"].iloc[0]) if len(t) else 0.0, color="grey", linewidth=0.7)
+    ax.axvline(float(t["null_mean_shift_goal"].median()) if len(t) else 0.0, color="grey", linewidth=0.7)
     for i in np.argsort(-y + -np.abs(x) * 1e-9)[:top]:
-        ax.annotate(str(t["gene_symbol"].iloc[i]), (x[i], y[i]), fontsize=7, xytext=(2, 2), textcoords="offset points")
+        ax.annotate(str(names.iloc[i]), (x[i], y[i]), fontsize=7, xytext=(2, 2), textcoords="offset points")
     ax.set_xlabel(f"mean cosine shift toward {s['goal_state']} ({s['mode']})")
     ax.set_ylabel("−log10 FDR (rank-sum vs null)")
     ax.set_title(f"{s['start_state']} → {s['goal_state']}: in silico {s['mode']}")
@@ -306,10 +363,14 @@ def summary_table(result: PerturbResult, top: int = 10):
 
     s = result.settings
     t = Table(title=f"in silico {s['mode']}: {s['start_state']} → {s['goal_state']} ({s['cells_perturbed']} cells)")
-    cols = ["gene", "symbol", "cells", "mean shift → goal"] + [f"→ {a}" for a in s["alt_states"]] + ["FDR"]
+    sets = "pathway" in result.genes.columns
+    first = ["pathway", "genes expressed"] if sets else ["gene", "symbol"]
+    cols = first + ["cells", "mean shift → goal"] + [f"→ {a}" for a in s["alt_states"]] + ["null mean", "FDR"]
     for c in cols:
         t.add_column(c)
     for _, r in result.genes.head(top).iterrows():
-        t.add_row(str(r["gene_id"]), str(r["gene_symbol"]), str(r["n_cells"]), f"{r['mean_shift_goal']:+.4f}",
-                  *[f"{r[f'mean_shift_{a}']:+.4f}" for a in s["alt_states"]], f"{r['fdr']:.2g}")
+        names = [str(r["pathway"]), str(r["n_expressed"])] if sets else [str(r["gene_id"]), str(r["gene_symbol"])]
+        t.add_row(*names, str(r["n_cells"]), f"{r['mean_shift_goal']:+.4f}",
+                  *[f"{r[f'mean_shift_{a}']:+.4f}" for a in s["alt_states"]], f"{r['null_mean_shift_goal']:+.4f}",
+                  f"{r['fdr']:.2g}")
     return t

@@ -20,6 +20,12 @@ Counts model, per cell c and gene g::
     x_cg          ~ NegativeBinomial(mean mu_cg, dispersion 1 / size)   (gamma-Poisson)
 
 with library sizes log-normal around `library_size`. Everything random comes from one seed.
+
+Pathway programs (`pathway_programs=True`) name each programme as a gene set — a state's set
+is its markers plus `pathway_extra` background genes the state does not change (real pathways
+hold unresponsive members too), the disease set likewise with the drivers — and add
+`decoy_sets` sets of as many background genes; `write_gmt` writes them all as a GMT file. The
+sets are drawn after the counts from their own stream, so the counts do not change.
 """
 
 from __future__ import annotations
@@ -75,6 +81,9 @@ def simulate_corpus(
     medians: Mapping[str, float] | None = None,
     symbols: Mapping[str, str] | None = None,
     model_version: str = "v1",
+    pathway_programs: bool = False,
+    pathway_extra: int = 5,
+    decoy_sets: int = 6,
     seed: int = 0,
 ):
     """Simulate raw counts with planted marker programs and disease drivers.
@@ -87,7 +96,8 @@ def simulate_corpus(
       ``disease``), ``obs["donor"]``, ``obs["n_counts"]``; ``uns["simulation"]`` with
       ``markers`` {state: [gene IDs]}, ``drivers`` [gene IDs], ``marker_symbols``,
       ``driver_symbols``, the planted fold changes (``marker_folds``, ``driver_folds``) and
-      the settings.
+      the settings; with `pathway_programs`, ``gene_sets`` {name: [gene IDs]} and
+      ``planted_sets`` {state or "disease": set name}.
     - ``vocabulary``: the token dictionary to tokenize with. When `vocabulary` is given the
       genes are drawn from it (seeded) and it is returned unchanged; otherwise a synthetic
       vocabulary over the simulated genes (Geneformer layout for `model_version`).
@@ -172,7 +182,7 @@ def simulate_corpus(
     else:
         medians_out = _nonzero_medians(counts, gene_ids)
 
-    return _to_anndata(
+    adata = _to_anndata(
         counts, gene_ids, gene_symbols, states, state_of, disease, donor_of, marker_idx, driver_idx, gene_fold,
         settings=dict(
             n_cells=n_cells, n_genes=n_genes, markers_per_state=markers_per_state, n_drivers=n_drivers,
@@ -181,8 +191,48 @@ def simulate_corpus(
             nb_size=nb_size, gene_mean_sigma=gene_mean_sigma, donor_sigma=donor_sigma,
             model_version=model_version, seed=seed,
             vocabulary="given" if vocabulary is not None else "synthetic",
+            pathway_programs=pathway_programs, pathway_extra=pathway_extra, decoy_sets=decoy_sets,
         ),
-    ), vocab_out, medians_out
+    )
+    if pathway_programs:
+        adata.uns[PLANTED_KEY].update(_pathway_sets(gene_ids, marker_idx, driver_idx, pathway_extra, decoy_sets,
+                                                    np.random.default_rng([seed, 1])))
+    return adata, vocab_out, medians_out
+
+
+def _pathway_sets(gene_ids, marker_idx, driver_idx, extra: int, decoys: int, rng) -> dict:
+    """Named gene sets: each programme plus `extra` unchanged background genes, and decoys of
+    background genes of the same size (decoys may overlap one another, as real sets do)."""
+    ids = np.asarray(gene_ids, dtype=object)
+    planted_idx = np.concatenate([*marker_idx.values(), driver_idx])
+    background = np.setdiff1d(np.arange(len(gene_ids)), planted_idx)
+    sets, names = {}, {}
+    programmes = {**marker_idx, "disease": driver_idx}
+    for state, idx in programmes.items():
+        if len(idx) == 0:
+            continue
+        name = f"{str(state).upper()}_PROGRAM"
+        more = rng.choice(background, size=min(extra, len(background)), replace=False)
+        sets[name] = ids[np.sort(np.concatenate([idx, more]))].tolist()
+        names[str(state)] = name
+    size = len(next(iter(sets.values()))) if sets else 0
+    for j in range(decoys):
+        sets[f"DECOY_{j + 1:02d}"] = ids[np.sort(rng.choice(background, size=min(size, len(background)),
+                                                            replace=False))].tolist()
+    return {"gene_sets": sets, "planted_sets": names}
+
+
+def write_gmt(adata, path, symbols: bool = False) -> None:
+    """The simulated gene sets (`pathway_programs=True`) as a GMT file, Ensembl IDs or symbols."""
+    truth = adata.uns[PLANTED_KEY]
+    if "gene_sets" not in truth:
+        raise ValueError("this corpus has no gene sets; simulate it with pathway_programs=True")
+    to_symbol = dict(zip(adata.var_names, adata.var["gene_symbol"])) if symbols else {}
+    planted_by = {name: state for state, name in truth["planted_sets"].items()}
+    with open(path, "w") as fh:
+        for name, genes in truth["gene_sets"].items():
+            what = f"planted: {planted_by[name]}" if name in planted_by else "decoy"
+            fh.write("\t".join([name, what, *(to_symbol.get(g, g) for g in genes)]) + "\n")
 
 
 def planted(adata) -> dict:
@@ -191,10 +241,14 @@ def planted(adata) -> dict:
         truth = adata.uns[PLANTED_KEY]
     except KeyError:
         raise ValueError("this AnnData was not made by cellrank_fm.simulate (no uns['simulation'])") from None
-    return {
+    out = {
         "markers": {k: list(v) for k, v in truth["markers"].items()},
         "drivers": list(truth["drivers"]),
     }
+    if "gene_sets" in truth:
+        out["gene_sets"] = {k: list(v) for k, v in truth["gene_sets"].items()}
+        out["planted_sets"] = dict(truth["planted_sets"])
+    return out
 
 
 def _specials(model_version: str) -> dict[str, int]:

@@ -29,7 +29,8 @@ A task plugs into `train(model, task, cfg, out_dir)` by providing five methods:
 The loop owns the rest: device choice, DDP under `torchrun` (each rank its own slice of the
 batches, gloo on CPU, nccl on CUDA), AdamW (fused; no weight decay on biases and
 LayerNorms), linear warmup then linear or cosine decay, gradient accumulation and clipping,
-bf16 autocast on CUDA, optional `torch.compile`, a progress bar with tokens/s and loss,
+mixed precision from `accel` (bf16 autocast on CUDA; fp16 with gradient scaling on GPUs
+without bf16), optional `torch.compile`, a progress bar with tokens/s and loss,
 metrics as JSON lines (`metrics.jsonl`), and checkpoints (`trainer_state.pt` beside the
 model files: step, weights, optimizer, scheduler and task state in one file written
 atomically, so a kill at any moment leaves the last whole checkpoint). Dropout randomness is
@@ -75,7 +76,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0 = only at the end
     log_every: int = 10
     seed: int = 0
-    bf16: bool = True  # autocast to bfloat16 on CUDA; CPU always runs fp32
+    bf16: bool = True  # False: fp32 everywhere; True: `precision` decides
+    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" (any device) | "fp32"; see accel
     compile: bool = False
     device: str = "auto"
     max_seconds: float | None = None  # stop cleanly (with a checkpoint) after this wall time
@@ -163,8 +165,15 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
 
 
+def precision_for(cfg: TrainConfig, device: torch.device):
+    """The run's `accel.Precision` (autocast dtype and gradient scaler)."""
+    from cellrank_fm.accel import resolve_precision
+
+    return resolve_precision(device, cfg.precision if cfg.bf16 else "fp32")
+
+
 def autocast(cfg: TrainConfig, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+    return precision_for(cfg, device).autocast()
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -262,6 +271,13 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, out_dir: str | P
     out_dir.mkdir(parents=True, exist_ok=True)
 
     model.to(device)
+    from cellrank_fm.accel import choose_attention, compile_model, configure_backends
+
+    precision = precision_for(cfg, device)
+    configure_backends(precision)
+    if hasattr(model, "set_attn_impl"):  # the capability check: varlen kernel or padded SDPA, decided once
+        choose_attention(model, precision, training=True)
+    scaler = precision.grad_scaler()
     step = 0
     if resume:
         from cellrank_fm.checkpoint import load_weights_into, read_weights
@@ -292,7 +308,7 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, out_dir: str | P
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    run_model = torch.compile(model, dynamic=True) if cfg.compile else model
+    run_model = compile_model(model) if cfg.compile else model
 
     def evaluate(at_step: int) -> dict:
         result: dict = {}
@@ -347,12 +363,14 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, out_dir: str | P
                 with sync:
                     with autocast(cfg, device):
                         loss = task.loss(run_model, batch)
-                    (loss / cfg.grad_accum).backward()
+                    scaler.scale(loss / cfg.grad_accum).backward()
                 step_loss += loss.detach().float() / cfg.grad_accum  # no host sync per step
                 window_tokens += batch.num_tokens
             if cfg.grad_clip:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

@@ -17,6 +17,7 @@ from cellrank_fm.cli import data as _data  # noqa: F401,E402
 from cellrank_fm.cli import model as _model  # noqa: F401,E402
 from cellrank_fm.cli import classify as _classify  # noqa: F401,E402
 from cellrank_fm.cli import interpret as _interpret  # noqa: F401,E402
+from cellrank_fm.cli import score as _score  # noqa: F401,E402
 
 
 def main(argv: list[str] | None = None) -> None:

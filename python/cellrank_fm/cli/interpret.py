@@ -17,11 +17,15 @@ from cellrank_fm.cli.options import (
     CountsLayer,
     CountsOrOldHiddenLayer,
     Device,
+    GeneSetFiles,
+    GeneSetLevel,
     HiddenLayer,
     InferenceTokens,
     OutputDir,
+    MinSetSize,
     Overwrite,
     Quiet,
+    SetNames,
     layers,
 )
 
@@ -40,6 +44,10 @@ def explain_cmd(
     classes: Annotated[Optional[str], typer.Option("--classes", metavar="A,B", help="Only cells of these classes.", rich_help_panel=CELLS)] = None,
     all_classes: Annotated[bool, typer.Option("--all-classes", help="Also explain every other class's logit for each cell.", rich_help_panel=CELLS)] = False,
     per_class: Annotated[Optional[int], typer.Option("--per-class", metavar="N", help="Explain N cells per class, sampled with --seed (default: all cells).", rich_help_panel=CELLS)] = None,
+    value: Annotated[str, typer.Option("--value", help="The game's value: logit (the class logit) or contrast (the class logit minus the mean of the other classes' logits; cancels genes that raise every class).", rich_help_panel=METHOD)] = "logit",
+    gene_sets: GeneSetFiles = None,
+    gene_set_level: GeneSetLevel = None,
+    min_set_size: MinSetSize = 5,
     seed: Seed = 0,
     layer: CountsLayer = None,
     top: Annotated[int, typer.Option("--top", help="Genes per class in the plots.", rich_help_panel=OUT)] = 20,
@@ -56,6 +64,8 @@ def explain_cmd(
     gene_symbol, rank, shap_value, shap_stderr), cells.parquet (logit, base, additivity gap),
     gene_importance.parquet/.csv (per class: mean |SHAP| with absent genes as 0, signed mean,
     fraction expressing, mean over expressing cells) and PNGs (top genes, beeswarm, heatmap).
+    With --gene-sets, pathway SHAP too (sets as players; genes in no set always present) and
+    pathway_importance.parquet/.csv with p-values of the sets' gene values against random sets.
 
     Example: cellrank explain model/ pbmc.h5ad --out shap/ --label condition --per-class 50
     """
@@ -67,12 +77,17 @@ def explain_cmd(
     check_new_directory(out, overwrite)  # before minutes of work, and again when writing
     result = api.explain(model_dir, input, label=label, classes=classes, all_classes=all_classes,
                          per_class=per_class, method=method, permutations=permutations, samples=samples, seed=seed,
-                         layer=layer, tokens_per_batch=tokens_per_batch, device=device, progress=not quiet)
+                         value=value, gene_sets=gene_sets or None, gene_set_level=gene_set_level,
+                         min_set_size=min_set_size, layer=layer, tokens_per_batch=tokens_per_batch, device=device,
+                         progress=not quiet)
     result.write(out, top=top, overwrite=overwrite)
     if not quiet:
         console = Console()
         console.print(result.summary())
+        if result.pathways is not None:
+            console.print(result.pathways.summary())
         console.print(f"{result.evaluations:,} model evaluations; results in {out}/")
+
 
 
 @app.command("perturb", rich_help_panel="Explain")
@@ -90,6 +105,10 @@ def perturb_cmd(
     hidden_layer: HiddenLayer = None,
     layer: CountsOrOldHiddenLayer = None,
     null_genes: Annotated[int, typer.Option("--null-genes", help="With a gene list: random expressed genes (or sets) perturbed as the null.", rich_help_panel=METHOD)] = 50,
+    gene_sets: GeneSetFiles = None,
+    gene_set_level: GeneSetLevel = None,
+    min_set_size: MinSetSize = 5,
+    sets: SetNames = None,
     max_cells: Annotated[Optional[int], typer.Option("--max-cells", help="Perturb at most this many start cells (sampled with --seed).", rich_help_panel=CELLS)] = None,
     seed: Seed = 0,
     device: Device = "auto",
@@ -102,7 +121,9 @@ def perturb_cmd(
     For each start-state cell and gene, the shift is cos(perturbed, goal) - cos(original, goal)
     with cell embeddings = mean of gene-token hidden states; each gene's shifts are tested
     against the null (all genes pooled, or random genes) with a rank-sum test and
-    Benjamini-Hochberg FDR. Writes genes.parquet/.csv, shifts.parquet and shifts.png.
+    Benjamini-Hochberg FDR. Writes genes.parquet/.csv, shifts.parquet and shifts.png. With
+    --gene-sets, each whole set (--sets) is perturbed instead, against random expressed-gene sets
+    of its size, into pathways.parquet/.csv.
 
     Example: cellrank perturb model/ cells.h5ad --out perturb/ --state-column condition --start-state disease --goal-state healthy
     """
@@ -115,7 +136,8 @@ def perturb_cmd(
     layer, hidden_layer = layers(layer, hidden_layer)
     result = api.perturb(model_dir, input, state_column=state_column, start_state=start_state, goal_state=goal_state,
                          alt_states=alt_states or (), genes=genes, as_set=as_set, mode=mode, hidden_layer=hidden_layer,
-                         null_genes=null_genes, max_cells=max_cells, seed=seed, layer=layer,
+                         null_genes=null_genes, gene_sets=gene_sets or None, gene_set_level=gene_set_level,
+                         min_set_size=min_set_size, sets=sets, max_cells=max_cells, seed=seed, layer=layer,
                          tokens_per_batch=tokens_per_batch, device=device, progress=not quiet)
     result.write(out, overwrite=overwrite)
     if not quiet:

@@ -23,6 +23,7 @@ SPLIT = "Split (same for finetune and baseline)"
 TRAIN = "Training"
 OUT = "Output"
 RUN = "Run"
+SETS = "Gene sets"
 
 # ---- run
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.", rich_help_panel=RUN)]
@@ -50,6 +51,12 @@ GeneMap = Annotated[Optional[List[Path]], typer.Option("--gene-map", help="Symbo
 # Commands that tokenize new cells with a model: the defaults come from the model directory.
 ModelGeneIdColumn = Annotated[Optional[str], typer.Option("--gene-id-column", help="var column of the input holding gene IDs or symbols (default: the training input's, if present, else var_names).", rich_help_panel=GENES)]
 ModelGeneMap = Annotated[Optional[List[Path]], typer.Option("--gene-map", help="Symbol/alias -> Ensembl ID table (default: the mapping saved in the model directory, from the shards' --gene-map). Repeatable.", rich_help_panel=GENES)]
+
+# ---- gene sets (explain, perturb, score)
+GeneSetFiles = Annotated[Optional[List[Path]], typer.Option("--gene-sets", metavar="FILE", show_default=False, help="Gene sets: GMT, a two-column CSV/TSV (set, gene) or the MitoCarta3.0 table; symbols or Ensembl IDs. Repeatable.", rich_help_panel=SETS)]
+GeneSetLevel = Annotated[Optional[int], typer.Option("--gene-set-level", metavar="1|2|3", show_default=False, help="MitoCarta3.0 hierarchy depth: 1 = top-level programmes (OXPHOS, Metabolism, ...; the default), 3 = leaf pathways.", rich_help_panel=SETS)]
+MinSetSize = Annotated[int, typer.Option("--min-set-size", help="Leave out sets with fewer genes the model reads (with a note).", rich_help_panel=SETS)]
+SetNames = Annotated[Optional[str], typer.Option("--sets", metavar="all|NAME,...", help="Only these sets (default: all).", rich_help_panel=SETS)]
 
 # ---- the split (identical in finetune and baseline, so the two always split the same way)
 SplitSeed = Annotated[int, typer.Option("--seed", help="Seed for the split and everything random.", rich_help_panel=SPLIT)]
