@@ -533,8 +533,10 @@ def test_tokenize_killed_resumes_to_the_same_shards(env, tmp_path):
     args = tokenize_args(env, inp, out, "--part-cells", "500", "--chunk-cells", "250", "--keep-obs", "group")
     proc = cellrank_subprocess(args, before=killed_after("cellrank_fm.tokenize", "run_core", 7))
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    assert not (out / "manifest.json").exists() and len(list(out.glob("part-*.parquet"))) == 3
-    run([*args, "--resume"])  # takes over the dead run's lock, keeps its three parts
+    # Seven chunks of 250 cells fill three parts of 500; the writer thread finishes them in the
+    # background, so how many were on disk at the kill depends on timing, never more than three.
+    assert not (out / "manifest.json").exists() and len(list(out.glob("part-*.parquet"))) <= 3
+    run([*args, "--resume"])  # takes over the dead run's lock, keeps the finished parts
     run(tokenize_args(env, inp, tmp_path / "whole", "--part-cells", "500", "--chunk-cells", "250",
                       "--keep-obs", "group"))
     for part in sorted(p.name for p in (tmp_path / "whole").glob("part-*.parquet")):
