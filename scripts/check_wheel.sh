@@ -3,7 +3,7 @@
 # environment while no Rust toolchain is in reach, then `cellrank --version`, the Rust core and
 # `cellrank demo --quick` run from that environment.
 #
-#   scripts/check_wheel.sh [--out DIR] [--build-only] [--core-only] [--wheelhouse DIR] [WHEEL]
+#   scripts/check_wheel.sh [--out DIR] [--build-only] [--core-only] [--wheelhouse DIR] [--reuse-deps] [WHEEL]
 #
 # Without WHEEL, first builds the Linux manylinux2014 abi3 wheel into DIR (default dist/):
 # maturin links through zig against glibc 2.17 symbol versions, where a plain build on this
@@ -15,16 +15,20 @@
 # installs the wheel without its dependencies (plus numpy and typer) and skips the demo: for a
 # platform where torch has no wheel. --wheelhouse DIR (or CELLRANK_WHEELHOUSE) keeps the
 # dependencies' wheels in DIR between runs and installs from there without the index
-# (topping DIR up from the index only when it lacks something).
+# (topping DIR up from the index only when it lacks something). --reuse-deps fetches nothing: the
+# fresh environment borrows the dependencies installed for PYTHON (its site-packages, read-only,
+# after the environment's own), pip resolves every requirement against them offline and installs
+# only the wheel; for machines without room for a second copy of torch (the test suite uses it).
 # Runs on Linux, macOS and Windows (Git Bash).
 # PYTHON picks the interpreter of the fresh environment (default python3); KEEP_WORK=1 keeps
-# the scratch directory (the environment is a few GB, mostly torch).
+# the scratch directory (the environment is a few GB, mostly torch, unless --reuse-deps).
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out="$repo/dist"
 build_only=0
 core_only=0
+reuse_deps=0
 wheelhouse=${CELLRANK_WHEELHOUSE:-}
 wheel=""
 while [[ $# -gt 0 ]]; do
@@ -33,7 +37,8 @@ while [[ $# -gt 0 ]]; do
     --build-only) build_only=1; shift ;;
     --core-only) core_only=1; shift ;;
     --wheelhouse) wheelhouse=$2; shift 2 ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --reuse-deps) reuse_deps=1; shift ;;
+    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "check_wheel: unknown option $1" >&2; exit 2 ;;
     *) wheel=$1; shift ;;
   esac
@@ -140,8 +145,26 @@ install_all() {  # the wheel (and deps) with the pip options given
   pip_run install --only-binary :all: "$@" "${wheel_args[@]}" || return 1
   [[ ${#deps[@]} -eq 0 ]] || pip_run install --only-binary :all: "$@" "${deps[@]}"
 }
+no_source_builds() {  # dies if pip built or prepared anything from source, whatever else happened
+  if grep -E "Building wheel for|Preparing metadata \(pyproject|Running setup\.py|Installing build dependencies" \
+      "$work/pip.log" >&2; then
+    die "pip built or prepared a package from source (lines above)"
+  fi
+}
 from_index="the index"
-if [[ -n $wheelhouse ]]; then
+if [[ $reuse_deps -eq 1 ]]; then
+  # The borrowed site-packages go after the environment's own, so the wheel installed here wins;
+  # the environment's own old setuptools would shadow the newer one torch requires.
+  site=$("$venv_python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  "$python" -c 'import sysconfig; p = sysconfig.get_paths(); print(p["purelib"]); print(p["platlib"])' \
+    | sort -u > "$site/zz-borrowed-dependencies.pth" || die "could not ask $python for its site-packages"
+  pip_run uninstall -y setuptools || die "could not remove the fresh environment's setuptools"
+  from_index="$python's environment (borrowed, nothing fetched)"
+  started=$(now)
+  cpu_now; started_cpu=$cpu
+  install_all --no-index || { no_source_builds; die "pip install $name failed (--reuse-deps: every dependency must already be installed for $python)"; }
+  pip_run check || die "pip check found broken requirements in the borrowed dependencies"
+elif [[ -n $wheelhouse ]]; then
   # Install offline from the wheelhouse: pip's own cache keeps nothing when the index's answers
   # carry no caching headers, and a few GB of torch should not be fetched on every run. When it
   # lacks something (the first run, a new dependency), top it up from the index (files it holds
@@ -168,10 +191,7 @@ else
 fi
 cpu_now
 install_s="$(since "$started") s ($(cpu_since "$started_cpu") s of CPU)"
-if grep -E "Building wheel for|Preparing metadata \(pyproject|Running setup\.py|Installing build dependencies" \
-    "$work/pip.log" >&2; then
-  die "pip built or prepared a package from source (lines above)"
-fi
+no_source_builds
 # pip itself runs `rustc --version` for its User-Agent header; any other call means a build.
 rust_calls() { [[ -e $work/rust-called ]] && grep -vx 'rustc --version' "$work/rust-called"; }
 if rust_calls >&2; then die "the Rust toolchain was called during the install (calls above)"; fi
