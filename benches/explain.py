@@ -93,14 +93,9 @@ def main() -> None:
     ours_s, ours_out = timed(ev.logits)
     rows = [("cellrank Evaluator (packed, token-budgeted)", ours_s)]
     if not args.no_peer:
-        from cellrank_fm.checkpoint import state_dict_for_saving
-        from transformers import BertConfig
-        from transformers import BertForSequenceClassification as HFBert
+        from cellrank_fm.hf import to_transformers
 
-        hf_cfg = BertConfig(**{k: v for k, v in cfg.hf_dict(model.architecture).items()
-                               if k not in ("architectures", "id2label", "label2id", "num_labels")}, num_labels=2)
-        hf = HFBert(hf_cfg).to(args.device).eval()
-        hf.load_state_dict(state_dict_for_saving(model), strict=False)
+        hf = to_transformers(model)
 
         @torch.inference_mode()
         def peer(batch_seqs):

@@ -81,6 +81,8 @@ CASES = {
     "length-1 cells": ("mlm", [1, 1, 9, 1, 4], 0),
     "one cell": ("mlm", [17], 0),
     "cells at the maximum length": ("mlm", [24, 24, 5], 0),
+    # No padding at all: the padded path takes the packed tokens as its grid, without a mask.
+    "cells all of one length": ("cls", [11, 11, 11], 0),
     "mixed V1/V2 special tokens": ("cls", "mixed", 0),
     "after --freeze-layers 1": ("cls", [24, 1, 6, 13], 1),
 }

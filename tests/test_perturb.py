@@ -84,3 +84,46 @@ def test_symbols_resolve_through_vocabulary_ids_only():
     # An input whose var_names are symbols maps each symbol to itself; that must not hide the real ID.
     symbols = {"ISG15": "ISG15", "ENSG00000187608": "ISG15"}
     assert resolve_genes(["isg15"], vocab, symbols) == ["ENSG00000187608"]
+
+
+def test_shifts_equal_each_deletion_run_alone_through_transformers():
+    """Ours (packed batches: copies of one cell at one length without padding, cells of different
+    lengths padded together, the CPU token cap) against every perturbed cell run alone through
+    `transformers.BertModel` with the same weights, as Geneformer's perturber computes it."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from cellrank_fm.checkpoint import ModelDirInfo
+    from cellrank_fm.hf import to_transformers
+    from cellrank_fm.inference import Cells
+    from cellrank_fm.model import BertForSequenceClassification, preset_config
+
+    torch.manual_seed(0)
+    cfg = preset_config("tiny", vocab_size=64, num_labels=2, pooling="mean")
+    model = BertForSequenceClassification(cfg).eval()
+    info = ModelDirInfo(path=None, config=cfg, architecture=model.architecture, labels=["a", "b"],
+                        cellrank={"special_tokens": {"pad": 0, "mask": 1}}, vocabulary={f"G{i}": i for i in range(64)})
+    rng = np.random.default_rng(0)
+    pool_ = rng.choice(np.arange(2, 64), size=12, replace=False)
+    start = [rng.permutation(pool_), rng.permutation(pool_), pool_[:7]]
+    goal = [rng.choice(np.arange(2, 64), size=10, replace=False) for _ in range(2)]
+    ids = ["s0", "s1", "s2", "g0", "g1"]
+    cells = Cells(tokens=start + goal, cell_ids=ids, obs=pd.DataFrame({"state": ["s"] * 3 + ["g"] * 2}, index=ids))
+    # A 40-token budget puts copies of different cells (lengths 11 and 6) into one padded batch.
+    got = perturb_cells(Evaluator(model, info, tokens_per_batch=40), cells, state_column="state", start_state="s",
+                        goal_state="g", quiet=True).shifts
+
+    hf = to_transformers(model, head="none")
+    assert isinstance(hf, transformers.BertModel)
+
+    def emb(tokens):
+        with torch.inference_mode():
+            return hf(input_ids=torch.as_tensor(tokens)[None]).last_hidden_state[0].mean(0)
+
+    target = torch.stack([emb(g) for g in goal]).mean(0)
+    cos = lambda a: torch.nn.functional.cosine_similarity(a, target, dim=0).item()  # noqa: E731
+    want = {(c, f"G{t}"): cos(emb(np.delete(s, p))) - cos(emb(s)) for c, s in zip(ids, start) for p, t in enumerate(s)}
+    assert len(got) == len(want) == 12 + 12 + 7
+    diffs = [abs(s - want[(c, g)]) for c, g, s in zip(got["cell_id"], got["gene_id"], got["shift_goal"])]
+    assert max(diffs) < 1e-5
+    assert np.abs(got["shift_goal"]).max() > 1e-3  # the comparison is not between zeros

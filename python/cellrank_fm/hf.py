@@ -61,3 +61,31 @@ def export_hf(
         extra_config=extra,
         labels=info.labels if info else None,
     )
+
+
+def to_transformers(model: _Base, head: str = "same"):
+    """The same network as a `transformers` model in memory, with our weights (for benches and
+    checks against the reference implementation). `head` "same" gives the architecture of
+    `model`; "none" gives the bare `transformers.BertModel` (encoder only, no pooler)."""
+    import transformers
+
+    from cellrank_fm.checkpoint import state_dict_for_saving
+
+    model = getattr(model, "_orig_mod", model)
+    cfg = model.config
+    hf_cfg = transformers.BertConfig(**{k: v for k, v in cfg.hf_dict(model.architecture).items()
+                                        if k not in ("architectures", "id2label", "label2id")})
+    weights = state_dict_for_saving(model)
+    if head == "none":
+        hf = transformers.BertModel(hf_cfg, add_pooling_layer=False)
+        weights = {k.removeprefix("bert."): v for k, v in weights.items()
+                   if k.startswith("bert.") and not k.startswith("bert.pooler.")}
+    else:
+        hf = getattr(transformers, model.architecture)(hf_cfg)
+    missing, unexpected = hf.load_state_dict(weights, strict=False)
+    # Only buffers (position_ids, token_type_ids) and the tied decoder may be absent from ours.
+    missing = [k for k in missing if not k.endswith(("position_ids", "token_type_ids", "decoder.weight", "decoder.bias"))]
+    if missing or unexpected:
+        raise ValueError(f"weights do not map onto transformers' BERT: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    device = next(model.parameters()).device
+    return hf.to(device).eval()

@@ -37,6 +37,11 @@ if TYPE_CHECKING:
 
 # Rows of an input tokenized at a time (the token arrays of a chunk are held in memory).
 CHUNK_CELLS = 32768
+# The most padded tokens in one batch on CPU, whatever budget is asked for: the budgets are
+# sized for a GPU, and on CPU larger batches run slower per token (their activations outgrow
+# the caches): 200 cells of 255 genes, geneformer-v1, one thread took 14.2 s in batches of
+# 65,536 tokens and 10.2 s in batches of 16,384 or 8,192 (benches/README.md, perturb).
+CPU_TOKENS_PER_BATCH = 16384
 
 PathLike = str | os.PathLike
 
@@ -253,13 +258,16 @@ def run_batches(model, tokens: Sequence[np.ndarray], fn: Callable[[np.ndarray, P
     """Call `fn(indices, batch)` for token-budget batches of the non-empty `tokens`, without gradients.
 
     Cells are sorted by length so the padded attention path on CPU wastes little; `indices` are
-    the positions in `tokens` of the batch's cells.
+    the positions in `tokens` of the batch's cells. On CPU the budget is at most
+    `CPU_TOKENS_PER_BATCH`.
     """
     import torch
 
     from cellrank_fm.batching import pack, token_budget_batches
 
     device = next(model.parameters()).device
+    if device.type == "cpu":
+        tokens_per_batch = min(tokens_per_batch, CPU_TOKENS_PER_BATCH)
     model.eval()
     lengths = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
     with torch.no_grad(), autocast(device):

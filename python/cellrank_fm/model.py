@@ -213,9 +213,18 @@ def varlen_available(device: torch.device | str, dtype: torch.dtype, head_dim: i
 
 def padded_attention(q, k, v, batch: PackedBatch, dropout_p: float = 0.0) -> torch.Tensor:
     """SDPA with a key-padding mask: packed [T, heads, d] in, packed [T, heads, d] out."""
-    idx = batch.pad_index  # [T] flat position of each token in a [B * L] grid
     n_seqs, max_len = batch.num_seqs, batch.max_seqlen
     heads, dim = q.shape[1], q.shape[2]
+    if q.shape[0] == n_seqs * max_len:
+        # Every cell at the longest length (a batch of one cell's perturbed copies, a single
+        # cell): the packed tokens already are the grid and no key is padding, so neither the
+        # copies into a zeroed grid nor the mask are needed.
+        def as_grid(x):
+            return x.view(n_seqs, max_len, heads, dim).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(as_grid(q), as_grid(k), as_grid(v), dropout_p=dropout_p)
+        return out.transpose(1, 2).reshape(n_seqs * max_len, heads, dim)
+    idx = batch.pad_index  # [T] flat position of each token in a [B * L] grid
 
     def to_padded(x):
         grid = x.new_zeros(n_seqs * max_len, heads, dim)
