@@ -39,8 +39,8 @@ if TYPE_CHECKING:
 CHUNK_CELLS = 32768
 # The most padded tokens in one batch on CPU, whatever budget is asked for: the budgets are
 # sized for a GPU, and on CPU larger batches run slower per token (their activations outgrow
-# the caches): 200 cells of 255 genes, geneformer-v1, one thread took 14.2 s in batches of
-# 65,536 tokens and 10.2 s in batches of 16,384 or 8,192 (benches/README.md, perturb).
+# the caches): 200 cells of 255 genes, geneformer-v1, one thread, took 12.2-14.2 s in batches
+# of 65,536 tokens and 9.9-10.7 s in batches of 16,384 or 8,192 (benches/README.md, perturb).
 CPU_TOKENS_PER_BATCH = 16384
 
 PathLike = str | os.PathLike
