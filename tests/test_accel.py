@@ -300,3 +300,42 @@ def test_compile_matches_eager_with_bounded_recompilation(tmp_path):
     # breaks), one recompile when the cell count leaves 1 (size-1 specialisation), then none
     # (measured with aot_eager: 1 + 1 + 0 graphs); not one per batch shape.
     assert 1 <= graphs <= 3, graphs
+
+
+def test_compiled_inference_matches_eager_with_bounded_recompilation():
+    """`--compile` for predict / embed / explain / perturb: the encoder compiled in place (what
+    `load_model(compile=True)` and `as_model(..., compile=True)` do) gives eager's outputs on
+    batches of changing shapes, including equal-length batches (no padding, no key mask)."""
+    from dataclasses import replace
+
+    from torch._dynamo.utils import counters
+
+    from cellrank_fm.checkpoint import ModelDirInfo
+    from cellrank_fm.inference import LoadedModel, as_model, embed_tokens, predict_tokens
+
+    torch.manual_seed(0)
+    cfg = _config(num_labels=3, pooling="mean")
+    model = BertForSequenceClassification(cfg).eval()
+    rng = np.random.default_rng(5)
+    # Sorted by length and cut at 48 tokens: batches of 1 to 8 cells; lengths 6 twice over make
+    # equal-length batches, which take the grid path without a mask.
+    cells = [rng.integers(4, VOCAB, size=n) for n in (1, 3, 5, 6, 6, 6, 6, 9, 12, 17, 20, 24, 24)]
+    want_p = predict_tokens(model, cells, tokens_per_batch=48)
+    want_e = embed_tokens(model, cells, tokens_per_batch=48)
+
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    info = ModelDirInfo(path=None, config=cfg, architecture=model.architecture)
+    lm = as_model(LoadedModel(model, info, {}, {}, "v1", None, None, None, None), compile=True)
+    assert lm.model is model and model.bert._compiled_call_impl is not None
+    compiled = model.bert._compiled_call_impl
+    assert accel.compile_encoder(model).bert._compiled_call_impl is compiled  # compiling twice: no-op
+    got_p = predict_tokens(model, cells, tokens_per_batch=48)
+    got_e = embed_tokens(model, cells, tokens_per_batch=48)
+    graphs = counters["stats"]["unique_graphs"] - before
+    np.testing.assert_allclose(got_p, want_p, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_e, want_e, rtol=1e-5, atol=1e-5)
+    assert np.abs(want_e).max() > 0.1
+    # 7 batches, each run twice (predict and embed share the encoder graph); not one graph per shape.
+    assert 1 <= graphs <= 4, graphs  # measured: 2
+    assert replace(lm).model is model

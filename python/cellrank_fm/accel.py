@@ -100,6 +100,21 @@ def compile_model(model: torch.nn.Module, backend: str = "inductor") -> torch.nn
     return torch.compile(model, dynamic=True, backend=backend)
 
 
+def compile_encoder(model: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
+    """`torch.compile` the encoder (`model.bert`) in place, for inference; returns `model`.
+
+    Every inference path (predict, embed, explain's and perturb's evaluations, gene scores)
+    calls the encoder, through `model(...)` or `model.encode(...)`, so compiling it covers them
+    all while the small heads and pooling stay eager, and the model keeps its type and
+    parameter names (no `_orig_mod` wrapper). Compiling twice is a no-op."""
+    import torch._dynamo
+
+    if getattr(model.bert, "_compiled_call_impl", None) is None:
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True
+        model.bert.compile(dynamic=True, backend=backend)
+    return model
+
+
 # ----------------------------------------------------------------------------- capability check
 
 

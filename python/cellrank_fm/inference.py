@@ -95,7 +95,7 @@ class LoadedModel:
 
 def load_model(path: PathLike, *, device: str = "auto", gene_id_column: str | None = None,
                gene_map: Sequence[PathLike] = (), vocab: PathLike | dict | None = None,
-               medians: PathLike | dict | None = None) -> LoadedModel:
+               medians: PathLike | dict | None = None, compile: bool = False) -> LoadedModel:
     """Load a model directory (pretrained, fine-tuned, or a HuggingFace Geneformer checkpoint).
 
     Args:
@@ -107,6 +107,8 @@ def load_model(path: PathLike, *, device: str = "auto", gene_id_column: str | No
         gene_map: symbol/alias -> Ensembl ID tables (default: the mapping stored with the model).
         vocab, medians: the token dictionary and gene medians, for a checkpoint that carries
             none (Geneformer releases): paths (.pkl, .json, .parquet) or dictionaries.
+        compile: `torch.compile` the encoder (`accel.compile_encoder`): faster on a GPU for
+            large inputs, after a warm-up spent compiling.
 
     Example:
         >>> clf = cfm.load_model("classifier/")
@@ -143,6 +145,10 @@ def load_model(path: PathLike, *, device: str = "auto", gene_id_column: str | No
     model.to(pick_device(device))
     model.eval()
     prepare(model, next(model.parameters()).device)
+    if compile:
+        from cellrank_fm.accel import compile_encoder
+
+        compile_encoder(model)
     return LoadedModel(model, info, info.vocabulary, info.medians, version, ours.get("model_input_size"),
                        gene_set, gene_id_column or ours.get("gene_id_column"), mapping)
 
@@ -167,9 +173,14 @@ def check_model_vocabulary(model_dir: Path, info: ModelDirInfo, vocab: dict[str,
 
 
 def as_model(model: LoadedModel | PathLike, *, device: str = "auto", gene_id_column: str | None = None,
-             gene_map: Sequence[PathLike] = ()) -> LoadedModel:
-    """`model` itself when already loaded (gene options applied to a copy), else `load_model(model)`."""
+             gene_map: Sequence[PathLike] = (), compile: bool = False) -> LoadedModel:
+    """`model` itself when already loaded (gene options applied to a copy; with `compile`, its
+    encoder compiled in place), else `load_model(model)`."""
     if isinstance(model, LoadedModel):
+        if compile:
+            from cellrank_fm.accel import compile_encoder
+
+            compile_encoder(model.model)
         if gene_id_column is None and not gene_map:
             return model
         from dataclasses import replace
@@ -180,8 +191,8 @@ def as_model(model: LoadedModel | PathLike, *, device: str = "auto", gene_id_col
                        mapping=load_mapping([str(p) for p in gene_map]) if gene_map else model.mapping)
     loaded = getattr(model, "loaded", None)  # a TrainedModel from cfm.finetune / cfm.pretrain
     if isinstance(loaded, LoadedModel):
-        return as_model(loaded, gene_id_column=gene_id_column, gene_map=gene_map)
-    return load_model(model, device=device, gene_id_column=gene_id_column, gene_map=gene_map)
+        return as_model(loaded, gene_id_column=gene_id_column, gene_map=gene_map, compile=compile)
+    return load_model(model, device=device, gene_id_column=gene_id_column, gene_map=gene_map, compile=compile)
 
 
 def require_cell_classifier(model: LoadedModel | ModelDirInfo, *, pretrained_ok: bool = False) -> None:

@@ -16,6 +16,7 @@ from cellrank_fm.cli.options import (
     AnyModel,
     Classifier,
     CountsLayer,
+    Compile,
     CountsOrOldHiddenLayer,
     Device,
     H5adCells,
@@ -179,6 +180,7 @@ def predict_cmd(
     gene_map: ModelGeneMap = None,
     tokens_per_batch: InferenceTokens = 32768,
     device: Device = "auto",
+    compile: Compile = False,
     quiet: Quiet = False,
 ) -> None:
     """Classify cells with a fine-tuned model; write a copy of the input with the predictions.
@@ -195,7 +197,8 @@ def predict_cmd(
     _check_out(input, out)
     with claim_all(out):
         adata = api.predict(model_dir, input, layer=layer, gene_id_column=gene_id_column, gene_map=gene_map or (),
-                            tokens_per_batch=tokens_per_batch, device=device, progress=not quiet)
+                            tokens_per_batch=tokens_per_batch, device=device, compile=compile,
+                            progress=not quiet)
         try:
             write_h5ad_copy(input, out, adata, obsm=["cellrank_proba"], uns=["cellrank_proba_classes", "cellrank"])
             labels = adata.obs["cellrank_label"]
@@ -226,6 +229,7 @@ def embed_cmd(
     gene_map: ModelGeneMap = None,
     tokens_per_batch: InferenceTokens = 32768,
     device: Device = "auto",
+    compile: Compile = False,
     quiet: Quiet = False,
 ) -> None:
     """Cell embeddings (obsm X_cellrank) from a model, optionally gene embeddings and a UMAP PNG.
@@ -257,7 +261,8 @@ def embed_cmd(
         umap = umap_png is not None or umap_color is not None
         adata = api.embed(model_dir, input, hidden_layer=hidden_layer, pooling=pooling, genes=genes_out is not None,
                           umap=umap, seed=seed, layer=layer, gene_id_column=gene_id_column, gene_map=gene_map or (),
-                          tokens_per_batch=tokens_per_batch, device=device, progress=not quiet)
+                          tokens_per_batch=tokens_per_batch, device=device, compile=compile,
+                          progress=not quiet)
         try:
             write_h5ad_copy(input, out, adata, obsm=["X_cellrank"] + ["X_cellrank_umap"] * umap, uns=["cellrank_embedding"])
             if umap_png is not None:

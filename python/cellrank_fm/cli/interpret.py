@@ -15,6 +15,7 @@ from cellrank_fm.cli.options import (
     AnyModel,
     Cells,
     CountsLayer,
+    Compile,
     CountsOrOldHiddenLayer,
     Device,
     GeneSetFiles,
@@ -53,6 +54,7 @@ def explain_cmd(
     top: Annotated[int, typer.Option("--top", help="Genes per class in the plots.", rich_help_panel=OUT)] = 20,
     device: Device = "auto",
     tokens_per_batch: InferenceTokens = 65536,
+    compile: Compile = False,
     quiet: Quiet = False,
     overwrite: Overwrite = False,
 ) -> None:
@@ -79,7 +81,7 @@ def explain_cmd(
                          per_class=per_class, method=method, permutations=permutations, samples=samples, seed=seed,
                          value=value, gene_sets=gene_sets or None, gene_set_level=gene_set_level,
                          min_set_size=min_set_size, layer=layer, tokens_per_batch=tokens_per_batch, device=device,
-                         progress=not quiet)
+                         compile=compile, progress=not quiet)
     result.write(out, top=top, overwrite=overwrite)
     if not quiet:
         console = Console()
@@ -113,6 +115,7 @@ def perturb_cmd(
     seed: Seed = 0,
     device: Device = "auto",
     tokens_per_batch: InferenceTokens = 65536,
+    compile: Compile = False,
     quiet: Quiet = False,
     overwrite: Overwrite = False,
 ) -> None:
@@ -138,7 +141,8 @@ def perturb_cmd(
                          alt_states=alt_states or (), genes=genes, as_set=as_set, mode=mode, hidden_layer=hidden_layer,
                          null_genes=null_genes, gene_sets=gene_sets or None, gene_set_level=gene_set_level,
                          min_set_size=min_set_size, sets=sets, max_cells=max_cells, seed=seed, layer=layer,
-                         tokens_per_batch=tokens_per_batch, device=device, progress=not quiet)
+                         tokens_per_batch=tokens_per_batch, device=device, compile=compile,
+                         progress=not quiet)
     result.write(out, overwrite=overwrite)
     if not quiet:
         Console().print(result.summary())

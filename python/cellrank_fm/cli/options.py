@@ -29,6 +29,7 @@ SETS = "Gene sets"
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.", rich_help_panel=RUN)]
 Device = Annotated[str, typer.Option("--device", help="auto (the GPU when there is one), cpu, cuda, cuda:1, ...", rich_help_panel=RUN)]
 InferenceTokens = Annotated[int, typer.Option("--tokens-per-batch", help="Token budget of one packed forward pass.", rich_help_panel=RUN)]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model's encoder (faster on GPU for large inputs, after a warm-up).", rich_help_panel=RUN)]
 
 # ---- inputs
 Inputs = Annotated[List[Path], typer.Argument(help="Input files (.h5ad, .loom, 10x .h5, .csv/.tsv/.parquet) or directories (Matrix Market, or a folder of inputs).", show_default=False)]
