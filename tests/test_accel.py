@@ -339,3 +339,35 @@ def test_compiled_inference_matches_eager_with_bounded_recompilation():
     # 7 batches, each run twice (predict and embed share the encoder graph); not one graph per shape.
     assert 1 <= graphs <= 4, graphs  # measured: 2
     assert replace(lm).model is model
+
+
+def test_gradient_scaler_state_survives_a_resume(tmp_path, monkeypatch):
+    """The fp16 loss scale is saved in the training checkpoint and restored on resume. No GPU:
+    an enabled CPU GradScaler stands in for fp16's, its scale doubling every step
+    (growth_interval=1, no overflow) so that the resumed scale tells where it started."""
+    import cellrank_fm.train as train_mod
+
+    scalers = []
+
+    def enabled_scaler(self):
+        scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1))
+        return scalers[-1]
+
+    monkeypatch.setattr(accel.Precision, "grad_scaler", enabled_scaler)
+    torch.manual_seed(0)
+    model = BertForMaskedLM(_config())
+    cfg = dict(lr=1e-3, tokens_per_batch=4096, quiet=True, device="cpu", eval_at_start=False, log_every=1)
+    train(model, ToyTask((5, 9, 2, 14, 1, 7)), TrainConfig(max_steps=3, **cfg), tmp_path / "run")
+    assert scalers[0].get_scale() == 2.0 ** 13
+    saved = torch.load(tmp_path / "run" / train_mod.STATE, weights_only=False)["scaler"]
+    assert saved["scale"] == 2.0 ** 13 and saved["_growth_tracker"] == 0
+    train(model, ToyTask((5, 9, 2, 14, 1, 7)), TrainConfig(max_steps=5, **cfg), tmp_path / "run", resume=True)
+    assert scalers[1].get_scale() == 2.0 ** 15  # 2 ** 12 had it restarted from its initial scale
+
+    # A checkpoint from a disabled scaler (bf16, fp32: empty state) resumes with a fresh one.
+    state = torch.load(tmp_path / "run" / train_mod.STATE, weights_only=False)
+    state["scaler"] = torch.amp.GradScaler("cpu", enabled=False).state_dict()
+    assert state["scaler"] == {}
+    torch.save(state, tmp_path / "run" / train_mod.STATE)
+    train(model, ToyTask((5, 9, 2, 14, 1, 7)), TrainConfig(max_steps=6, **cfg), tmp_path / "run", resume=True)
+    assert scalers[2].get_scale() == 2.0 ** 11

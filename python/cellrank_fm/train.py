@@ -32,7 +32,7 @@ LayerNorms), linear warmup then linear or cosine decay, gradient accumulation an
 mixed precision from `accel` (bf16 autocast on CUDA; fp16 with gradient scaling on GPUs
 without bf16), optional `torch.compile`, a progress bar with tokens/s and loss,
 metrics as JSON lines (`metrics.jsonl`), and checkpoints (`trainer_state.pt` beside the
-model files: step, weights, optimizer, scheduler and task state in one file written
+model files: step, weights, optimizer, scheduler, gradient scaler and task state in one file written
 atomically, so a kill at any moment leaves the last whole checkpoint). Dropout randomness is
 reseeded from (seed, step, rank) at every step and the data position is the number of batches consumed, so
 `resume=True` continues an interrupted run to the same weights as an uninterrupted one.
@@ -294,6 +294,11 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, out_dir: str | P
         if "task" in state and hasattr(task, "load_state_dict"):
             task.load_state_dict(state["task"])
         step = int(state["step"])
+        # The fp16 loss scale and its growth tracker: a resumed run that restarted at 2**16 would
+        # skip steps on overflow until the scale fell back. An empty state (saved by a disabled
+        # scaler: bf16, fp32) or a disabled scaler now leaves the scaler as it starts.
+        if state.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
         model.to(device)
     optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -330,6 +335,7 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, out_dir: str | P
             with atomic_path(state_path) as tmp:
                 torch.save(
                     {"step": at_step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(),
                      "world_size": world, "config": dataclasses.asdict(cfg),
                      "model": state_dict_for_saving(raw_model),
                      **({"task": task.state_dict()} if hasattr(task, "state_dict") else {})},
