@@ -66,7 +66,9 @@ def export_hf(
 def to_transformers(model: _Base, head: str = "same"):
     """The same network as a `transformers` model in memory, with our weights (for benches and
     checks against the reference implementation). `head` "same" gives the architecture of
-    `model`; "none" gives the bare `transformers.BertModel` (encoder only, no pooler)."""
+    `model`; "none" gives the bare `transformers.BertModel` (encoder only, no pooler). The hidden
+    states are ours; a cell classifier's logits are too only with pooling "cls" (transformers'
+    pooler reads the first token, ours can take the mean of the gene tokens)."""
     import transformers
 
     from cellrank_fm.checkpoint import state_dict_for_saving
