@@ -371,3 +371,27 @@ def test_gradient_scaler_state_survives_a_resume(tmp_path, monkeypatch):
     torch.save(state, tmp_path / "run" / train_mod.STATE)
     train(model, ToyTask((5, 9, 2, 14, 1, 7)), TrainConfig(max_steps=6, **cfg), tmp_path / "run", resume=True)
     assert scalers[2].get_scale() == 2.0 ** 11
+
+
+@pytest.mark.parametrize("command", ["predict", "embed", "explain", "perturb"])
+def test_compile_option_reaches_the_model_loader(command, tmp_path, monkeypatch, capsys):
+    """`cellrank predict|embed|explain|perturb --compile` asks the loader for a compiled encoder."""
+    import cellrank_fm.inference as inference
+    from cellrank_fm.errors import UserError
+
+    from cli_helpers import fails
+
+    asked = []
+
+    def loader(model, **kw):
+        asked.append(kw.get("compile"))
+        raise UserError("stopped here")
+
+    monkeypatch.setattr(inference, "as_model", loader)
+    args = {"predict": ["--out", tmp_path / "o.h5ad"], "embed": ["--out", tmp_path / "o.h5ad"],
+            "explain": ["--out", tmp_path / "o"],
+            "perturb": ["--out", tmp_path / "o", "--state-column", "s", "--start-state", "a", "--goal-state", "b"]}
+    for flag, want in (([], False), (["--compile"], True)):
+        code, err = fails([command, tmp_path / "model", tmp_path / "in.h5ad", *args[command], *flag], capsys)
+        assert code == 2 and "stopped here" in err
+        assert asked[-1] is want
