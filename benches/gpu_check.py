@@ -26,7 +26,10 @@ Parts:
   the seconds per cell for 10 permutations (half the box); the pathway game (150 synthetic
   gene sets as players) on one 2,048-gene cell, one permutation timed, seconds per cell for 10.
 - perturb: in silico deletions/s at 2,048 genes (one cell's perturbed copies, in chunks until
-  the box closes) and the extrapolated time for 1,500 cells × every expressed gene.
+  the box closes) and the extrapolated time for 1,500 cells × every expressed gene; the peer:
+  200 deletions of the same cell done Geneformer's way (`benches/perturb.py`'s
+  `geneformer_deletion`: padded minibatches of 100 through `transformers.BertModel`, same
+  weights, same autocast).
 
 Input: synthetic cells (random gene tokens), lengths uniform between 1/8 of the preset's input
 size and the full size, so the check needs no data files. The smoke run uses a tiny model and
@@ -544,11 +547,40 @@ def part_perturb(check: Check, budget_s: float) -> dict:
     rate = calls * chunk / secs
     job_h = 1500 * n / rate / 3600
     met = job_h <= TARGETS["perturb_job_h"]
+
+    # The peer: Geneformer's way (benches/perturb.py), the same weights through transformers in
+    # the same precision, on the first `peer_count` deletions of the same cell.
+    from cellrank_fm.hf import to_transformers
+    from cellrank_fm.inference import autocast
+
+    geneformer_deletion = _bench_module("perturb").geneformer_deletion
+    hf = to_transformers(ev.model, head="none")
+    peer_count = 8 if check.smoke else 200
+    cell = np.asarray(genes, dtype=np.int64)
+    with autocast(check.device):
+        geneformer_deletion(hf, {"c": cell[:8]}, [cell[:8]], cell[:4], -1, 100, check.device)  # warm-up
+        check.sync()
+        t0 = time.perf_counter()
+        geneformer_deletion(hf, {"c": cell}, [cell], np.unique(cell)[:peer_count], -1, 100, check.device)
+        check.sync()
+    peer_rate = peer_count / (time.perf_counter() - t0)
     check.row("perturb", "deletions/s (embedding each perturbed cell)", f"{n:,} genes per cell",
               f"{rate:,.1f}/s; 1,500 cells x {n:,} genes: {job_h:,.2f} h",
-              "Geneformer users report ~60 h on an A100",
+              f"Geneformer-style via transformers: {peer_rate:,.1f}/s ({rate / peer_rate:.2f}x); "
+              "users report ~60 h on an A100",
               "" if check.smoke else ("target met" if met else "target missed (<= 1 h)"))
-    return {"perturbations_per_s": rate, "genes": n, "perturbations_timed": calls * chunk, "job_hours_1500_cells": job_h}
+    return {"perturbations_per_s": rate, "genes": n, "perturbations_timed": calls * chunk, "job_hours_1500_cells": job_h,
+            "peer_perturbations_per_s": peer_rate, "peer_perturbations_timed": peer_count}
+
+
+def _bench_module(name: str):
+    """Another script of benches/, loaded by path (the check also runs loaded by path, in tests)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 PARTS = {"numerics": part_numerics, "compile": part_compile, "pretrain": part_pretrain, "finetune": part_finetune,

@@ -27,7 +27,9 @@ def test_smoke_run_passes_every_part_and_writes_one_json(tmp_path, capsys):
     assert len(record["checks"]) > 20 and all(c["ok"] for c in record["checks"])
     assert record["parts"]["pretrain"]["tiny"]  # ours and transformers both measured
     assert record["parts"]["explain"]["pathway_game"]["sets_playing"] > 1
-    assert record["parts"]["perturb"]["perturbations_timed"] > 0 and record["parts"]["perturb"]["job_hours_1500_cells"] > 0
+    perturb = record["parts"]["perturb"]
+    assert perturb["perturbations_timed"] > 0 and perturb["job_hours_1500_cells"] > 0
+    assert perturb["peer_perturbations_per_s"] > 0  # the Geneformer-style peer ran too
     table = capsys.readouterr().out
     assert table.count("| numerics") == 5 and "| pretrain" in table and "| perturb" in table
 
