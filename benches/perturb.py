@@ -10,7 +10,7 @@ the same process:
 - ours: `cellrank_fm.perturb.perturb_cells` end to end, `--mode delete` — the goal centroid,
   the original cells, every perturbed copy embedded in length-sorted, token-budgeted packed
   batches, the shifts and the statistics;
-- peer: Geneformer's `InSilicoPerturber` way (delete, `emb_mode="cell"`, a goal state):
+- peer (in the same precision: bf16 autocast on CUDA, fp32 on CPU): Geneformer's `InSilicoPerturber` way (delete, `emb_mode="cell"`, a goal state):
   per start cell, the cell's own embedding, then the batch of its perturbed copies (each with
   one gene removed) in padded minibatches of `--forward-batch` (Geneformer's default 100)
   through `transformers.BertModel` with an attention mask and `output_hidden_states`, the mean
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     from cellrank_fm.checkpoint import ModelDirInfo
     from cellrank_fm.explain import Evaluator
     from cellrank_fm.hf import to_transformers
-    from cellrank_fm.inference import Cells, prepare
+    from cellrank_fm.inference import Cells, autocast, prepare
     from cellrank_fm.model import BertForSequenceClassification, preset_config
     from cellrank_fm.perturb import perturb_cells
 
@@ -138,7 +138,12 @@ def main(argv=None) -> int:
 
         ours = partial(perturb_cells, ev, cells, state_column="state", start_state="start", goal_state="goal",
                        genes=gene_names, null_genes=2, layer=args.layer, seed=args.seed, quiet=True)
-        peer = partial(geneformer_deletion, hf, dict(zip(ids, start)), goal, genes, hf_layer, args.forward_batch, device)
+        peer_run = partial(geneformer_deletion, hf, dict(zip(ids, start)), goal, genes, hf_layer, args.forward_batch,
+                           device)
+
+        def peer(run=peer_run):
+            with autocast(device):  # the precision ours runs in: bf16 on CUDA, fp32 on CPU
+                return run()
 
         small = Cells(tokens=[start[0][:8], goal[0][:8]], cell_ids=["s", "g"],
                       obs=pd.DataFrame({"state": ["start", "goal"]}, index=["s", "g"]))

@@ -104,6 +104,50 @@ def _perturbed(prefix, genes, suffix, positions: Sequence[np.ndarray], mode: str
     return [np.concatenate([prefix, genes[np.sort(p)], genes[k], suffix]) for p, k in zip(positions, keep)]
 
 
+class RankSumNull:
+    """Two-sided Mann–Whitney U p-values of many samples against one null, equal to
+    `scipy.stats.mannwhitneyu(sample, null).pvalue`, with the null sorted once.
+
+    scipy ranks sample and null together on every call: 1.5 s per gene against the 3 million
+    pooled shifts of 1,500 cells × 2,048 genes, hours over every gene such a run perturbs.
+    Here a sample's mid-ranks in the combined data come from binary searches in the sorted
+    null and the sorted sample, and the tie correction from the null's tie groups, adjusted
+    for the values the sample shares with them. Small samples (scipy's exact method) and
+    degenerate ones go to scipy itself.
+    """
+
+    def __init__(self, null: np.ndarray):
+        self.null = np.sort(np.asarray(null, dtype=np.float64))
+        self.values, counts = np.unique(self.null, return_counts=True)
+        self.counts = counts.astype(np.float64)
+        self.tie_term = float((self.counts ** 3 - self.counts).sum())
+
+    def pvalue(self, sample: np.ndarray) -> float:
+        from scipy.special import ndtr
+        from scipy.stats import mannwhitneyu
+
+        x = np.asarray(sample, dtype=np.float64)
+        n1, n2 = len(x), len(self.null)
+        if n1 <= 8 or n2 <= 8 or np.isnan(x).any() or np.isnan(self.null[-1]):
+            return float(mannwhitneyu(x, self.null, alternative="two-sided").pvalue)
+        xs = np.sort(x)
+        below = np.searchsorted(self.null, x, "left") + np.searchsorted(xs, x, "left")
+        equal = (np.searchsorted(self.null, x, "right") + np.searchsorted(xs, x, "right")) - below
+        u1 = float((below + (equal + 1) / 2).sum()) - n1 * (n1 + 1) / 2
+        u = max(u1, n1 * n2 - u1)
+        shared, in_sample = np.unique(x, return_counts=True)
+        at = np.minimum(np.searchsorted(self.values, shared), len(self.values) - 1)
+        in_null = np.where(self.values[at] == shared, self.counts[at], 0.0)
+        both = in_null + in_sample
+        tie = self.tie_term - (in_null ** 3 - in_null).sum() + (both ** 3 - both).sum()
+        n = n1 + n2
+        var = n1 * n2 / 12 * ((n + 1) - tie / (n * (n - 1)))
+        if not var > 0:
+            return float(mannwhitneyu(x, self.null, alternative="two-sided").pvalue)
+        z = (u - n1 * n2 / 2 - 0.5) / np.sqrt(var)
+        return float(np.clip(2 * ndtr(-z), 0.0, 1.0))
+
+
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine of a [N, H] with b [H]."""
     return (a @ b) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b) + 1e-12)
@@ -136,7 +180,7 @@ def perturb_cells(
     `symbols` (gene ID -> symbol, for display) defaults to the model's.
     """
     import pandas as pd
-    from scipy.stats import false_discovery_control, mannwhitneyu
+    from scipy.stats import false_discovery_control
 
     from cellrank_fm.progress import progress_bar
 
@@ -266,10 +310,16 @@ def perturb_cells(
     if max(len(x) for x in nulls_shift) < 2:
         raise UserError("too few null perturbations to test against; raise --null-genes or perturb more cells.")
     stats = []
+    tests: dict[int, RankSumNull] = {}  # per null, built on first use
     for gid, sub in shifts[~shifts["is_null"]].groupby("gene_id", sort=False):
-        null = nulls_shift[0 if groups is None else group_null[group_of[gid]]]
+        which = 0 if groups is None else group_null[group_of[gid]]
+        null = nulls_shift[which]
         s = sub["shift_goal"].to_numpy()
-        p = mannwhitneyu(s, null, alternative="two-sided").pvalue if len(s) >= 2 and len(null) >= 2 else np.nan
+        p = np.nan
+        if len(s) >= 2 and len(null) >= 2:
+            if which not in tests:
+                tests[which] = RankSumNull(null)
+            p = tests[which].pvalue(s)
         row = {"gene_id": gid, "gene_symbol": sub["gene_symbol"].iloc[0], "n_cells": len(s),
                "mean_shift_goal": s.mean(), "median_shift_goal": float(np.median(s))}
         for a in alt_states:
