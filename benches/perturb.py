@@ -21,6 +21,10 @@ The start cells all express the same `n` genes, each in its own random rank orde
 `--max-genes` of them are deleted per cell (every gene when n ≤ max-genes; ours then also runs
 its two null deletions per cell, counted in its perturbations). Both sides' shifts are compared
 per (cell, gene): they must agree to `--tol`, or the run exits 1.
+
+`--overhead-cells N` instead times `perturb_cells` alone on N cells of the first size with
+every gene deleted, the model replaced by a stub that returns random embeddings: the work the
+library adds around the model (sequences, shifts, tables, a rank-sum test per gene).
 """
 
 from __future__ import annotations
@@ -69,6 +73,39 @@ def geneformer_deletion(hf, cells: dict[str, np.ndarray], goal_cells: list[np.nd
     return shifts
 
 
+class StubEvaluator:
+    """An `Evaluator` stand-in returning random embeddings at once: times `perturb_cells`' own work."""
+
+    def __init__(self, vocabulary: dict[str, int], hidden: int = 256, seed: int = 0):
+        self.info = type("Info", (), {"vocabulary": vocabulary, "symbols": {}})()
+        self.hidden, self.rng = hidden, np.random.default_rng(seed)
+
+    def split(self, tokens):
+        tokens = np.asarray(tokens, dtype=np.int64)
+        return tokens[:0], tokens, tokens[:0]
+
+    def embeddings(self, seqs, layer=-1):
+        return self.rng.normal(size=(len(seqs), self.hidden)).astype(np.float32)
+
+
+def library_overhead(n_cells: int, n_genes: int, vocab_size: int, seed: int) -> None:
+    """`perturb_cells` over n_cells × every one of their n_genes random genes, the model stubbed."""
+    import pandas as pd
+
+    from cellrank_fm.inference import Cells
+    from cellrank_fm.perturb import perturb_cells
+
+    rng = np.random.default_rng(seed)
+    tokens = [rng.choice(np.arange(2, vocab_size), size=n_genes, replace=False) for _ in range(n_cells + 2)]
+    ids = [f"c{i}" for i in range(n_cells + 2)]
+    cells = Cells(tokens, ids, pd.DataFrame({"state": ["start"] * n_cells + ["goal"] * 2}, index=ids))
+    stub = StubEvaluator({f"G{i}": i for i in range(vocab_size)}, seed=seed)
+    t0 = time.perf_counter()
+    result = perturb_cells(stub, cells, state_column="state", start_state="start", goal_state="goal", quiet=True)
+    print(f"perturb_cells without the model: {n_cells:,} cells x {n_genes:,} genes, {len(result.shifts):,} deletions, "
+          f"{len(result.genes):,} genes tested, {time.perf_counter() - t0:.1f} s")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="geneformer-v1")
@@ -85,6 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of each side, alternating; the best counts")
     ap.add_argument("--profile", action="store_true", help="cProfile ours and print the top entries")
+    ap.add_argument("--overhead-cells", type=int, default=0,
+                    help="instead: time perturb_cells' own work on this many cells of the first size (model stubbed)")
     args = ap.parse_args(argv)
 
     import pandas as pd
@@ -100,6 +139,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = [int(x) for x in args.sizes.split(",")]
+    if args.overhead_cells:
+        library_overhead(args.overhead_cells, sizes[0], preset_config(args.preset).vocab_size, args.seed)
+        return 0
 
     def per_size(text):
         vals = [int(x) for x in text.split(",")]
