@@ -31,7 +31,7 @@ def tokenized(quality_shards):
 @pytest.fixture(scope="module")
 def finetuned(quality_models) -> dict:
     """{(task, seed): (model, LR, token probe) macro-F1}."""
-    return {run: (r["f1"], r["lr"], r["probe"]) for run, r in quality_models.items()}
+    return {run: (r["f1"], r["lr"], r["probe"]) for run, r in quality_models.all().items()}
 
 
 def test_pbmc3k_cell_types(finetuned):
