@@ -4,7 +4,8 @@
     python benches/pathways.py --cells 2 --permutations 2 --score-shards /tmp/bench200k/shards
 
 Cells: `--cells` synthetic cells of `--genes` gene tokens drawn from Geneformer's V1
-vocabulary (seeded), so about as many MitoCarta genes as a real cell of that length holds.
+vocabulary (seeded); a real cell's genes are not a uniform draw, so the number of sets that
+play (printed; the pathway game's cost grows with it) can differ on real cells.
 Sets: MitoCarta3.0 at `--level` (3 = leaf pathways) resolved against that vocabulary. Model:
 the `--preset` classifier with random weights (the cost does not depend on the weights).
 
@@ -15,9 +16,10 @@ the `--preset` classifier with random weights (the cost does not depend on the w
   coalitions (lengths spread as in the real run) are timed and the per-cell figure is that rate
   times the evaluation count (a CPU cannot run a 2,048-gene permutation in a bench's time);
 - score: `cellrank_fm.score` end to end on the token shard directory `--score-shards` (reading
-  the Parquet parts, scoring in chunks of 8,192 cells, building the output AnnData); the sets are the MitoCarta sets' sizes drawn at random
-  (seeded) from the shards' vocabulary, so they resolve on a synthetic corpus too. Make a
-  200,000-cell shard set with `make_corpus.py` and `cellrank tokenize` (see benches/README.md).
+  the Parquet parts, scoring in chunks of 8,192 cells, building the output AnnData); the sets
+  have the MitoCarta sets' sizes, their genes drawn at random (seeded) from the shards'
+  vocabulary, so they resolve on a synthetic corpus too. Make a 200,000-cell shard set with
+  `make_corpus.py` and `cellrank tokenize` (see benches/README.md).
 """
 
 from __future__ import annotations
