@@ -24,8 +24,10 @@ from cli_helpers import run
 
 
 @pytest.fixture(scope="module")
-def tokenized(quality_shards):
-    return quality_shards
+def tokenized(quality_shards, tmp_path_factory):
+    """(folder for this module's own runs, tokenize): the shared folder may be kept across sessions."""
+    _, tokenize = quality_shards
+    return tmp_path_factory.mktemp("quality-runs"), tokenize
 
 
 @pytest.fixture(scope="module")
