@@ -52,32 +52,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from cellrank_fm.checkpoint import ModelDirInfo
-    from cellrank_fm.explain import Evaluator, coalition_sequences, permutation_values
-    from cellrank_fm.model import BertForSequenceClassification, preset_config
+    from cellrank_fm.explain import permutation_values
+    from shap_setup import permutation_coalitions, random_classifier
 
-    torch.manual_seed(args.seed)
-    cfg = preset_config(args.preset, num_labels=2, pooling="mean", hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    model = BertForSequenceClassification(cfg).to(args.device).eval()
-    info = ModelDirInfo(path=None, config=cfg, architecture=model.architecture, labels=["a", "b"],
-                        cellrank={"special_tokens": {"pad": 0, "mask": 1}})
-    ev = Evaluator(model, info, args.tokens_per_batch)
-
+    model, info, ev = random_classifier(args.preset, args.device, args.seed, tokens_per_batch=args.tokens_per_batch)
+    cfg = info.config
     rng = np.random.default_rng(args.seed)
     n = args.genes
     genes = rng.choice(np.arange(2, cfg.vocab_size), size=n, replace=False).astype(np.int64)
-    order = rng.permutation(n)
-    # The 2n+1 coalitions of one antithetic permutation: add genes in `order`, then remove them.
-    sizes = np.concatenate([np.arange(0, n + 1), np.arange(n - 1, -1, -1)])
-    pick = np.linspace(1, len(sizes) - 2, args.coalitions).round().astype(int)
-    masks = np.zeros((len(pick), n), dtype=bool)
-    for r, i in enumerate(pick):
-        k = sizes[i]
-        members = order[:k] if i <= n else order[n - k:]
-        masks[r, members] = True
-    empty = np.array([], dtype=np.int64)
-    seqs = coalition_sequences(empty, genes, empty, masks)
+    seqs = permutation_coalitions(genes, args.coalitions, rng)
     tokens = int(sum(len(s) for s in seqs))
 
     def timed(fn):

@@ -1,10 +1,11 @@
 """Pathway SHAP against gene SHAP on the same cells, and `score` throughput.
 
     python benches/pathways.py                       # geneformer-v1 preset, 2,048 genes, MitoCarta leaves
-    python benches/pathways.py --cells 2 --permutations 2 --score-cells 200000
+    python benches/pathways.py --cells 2 --permutations 2 --score-shards /tmp/bench200k/shards
 
 Cells: `--cells` synthetic cells of `--genes` gene tokens drawn from Geneformer's V1
-vocabulary (seeded), so about as many MitoCarta genes as a real cell of that length holds.
+vocabulary (seeded); a real cell's genes are not a uniform draw, so the number of sets that
+play (printed; the pathway game's cost grows with it) can differ on real cells.
 Sets: MitoCarta3.0 at `--level` (3 = leaf pathways) resolved against that vocabulary. Model:
 the `--preset` classifier with random weights (the cost does not depend on the weights).
 
@@ -14,9 +15,11 @@ the `--preset` classifier with random weights (the cost does not depend on the w
   per permutation; with `--gene-full` it is run and timed, otherwise `--coalitions` of its
   coalitions (lengths spread as in the real run) are timed and the per-cell figure is that rate
   times the evaluation count (a CPU cannot run a 2,048-gene permutation in a bench's time);
-- score: `score.Scorer` over `--score-cells` cells of `--genes` tokens in chunks of 8,192 (the
-  tokens made in memory, so the figure is the scoring alone; reading Parquet shards adds the
-  tokenizer-side decode, measured in `tokenizer.py`).
+- score: `cellrank_fm.score` end to end on the token shard directory `--score-shards` (reading
+  the Parquet parts, scoring in chunks of 8,192 cells, building the output AnnData); the sets
+  have the MitoCarta sets' sizes, their genes drawn at random (seeded) from the shards'
+  vocabulary, so they resolve on a synthetic corpus too. Make a 200,000-cell shard set with
+  `make_corpus.py` and `cellrank tokenize` (see benches/README.md).
 """
 
 from __future__ import annotations
@@ -40,33 +43,24 @@ def main() -> None:
     ap.add_argument("--level", type=int, default=3)
     ap.add_argument("--coalitions", type=int, default=24)
     ap.add_argument("--gene-full", action="store_true")
-    ap.add_argument("--score-cells", type=int, default=200_000)
+    ap.add_argument("--score-shards", type=Path, default=None)
     ap.add_argument("--tokens-per-batch", type=int, default=65536)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", type=Path, default=DATA)
     args = ap.parse_args()
 
-    import torch
-
-    from cellrank_fm.checkpoint import ModelDirInfo
-    from cellrank_fm.explain import Evaluator, coalition_sequences, permutation_values
+    from cellrank_fm.explain import permutation_values
     from cellrank_fm.genesets import load_gene_sets
-    from cellrank_fm.model import BertForSequenceClassification, preset_config
     from cellrank_fm.pathways import pathway_values
-    from cellrank_fm.score import Scorer
     from cellrank_fm.vocab import load_vocabulary
+    from shap_setup import permutation_coalitions, random_classifier
 
     vocab = load_vocabulary(args.data / "geneformer" / "token_dictionary_gc30M.pkl")
     sets = load_gene_sets(args.data / "genes" / "Human.MitoCarta3.0.csv", vocab, level=args.level)
     token_sets = sets.token_sets(vocab)
-    torch.manual_seed(args.seed)
-    cfg = preset_config(args.preset, vocab_size=max(vocab.values()) + 1, num_labels=2, pooling="mean",
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = BertForSequenceClassification(cfg).to(args.device).eval()
-    info = ModelDirInfo(path=None, config=cfg, architecture=model.architecture, labels=["a", "b"],
-                        cellrank={"special_tokens": {"pad": 0, "mask": 1}}, vocabulary=vocab)
-    ev = Evaluator(model, info, args.tokens_per_batch)
+    _, _, ev = random_classifier(args.preset, args.device, args.seed, vocabulary=vocab,
+                                 tokens_per_batch=args.tokens_per_batch)
     rng = np.random.default_rng(args.seed)
     genes = np.array(sorted(v for k, v in vocab.items() if not k.startswith("<")), dtype=np.int64)
     cells = [rng.choice(genes, size=args.genes, replace=False) for _ in range(args.cells)]
@@ -92,39 +86,35 @@ def main() -> None:
         gene_s = (time.perf_counter() - started) / len(cells)
         how = "run"
     else:
-        order = rng.permutation(n)
-        sizes = np.concatenate([np.arange(0, n + 1), np.arange(n - 1, -1, -1)])
-        pick = np.linspace(1, len(sizes) - 2, args.coalitions).round().astype(int)
-        masks = np.zeros((len(pick), n), dtype=bool)
-        for r, i in enumerate(pick):
-            k = sizes[i]
-            masks[r, order[:k] if i <= n else order[n - k:]] = True
-        empty = np.array([], dtype=np.int64)
-        seqs = coalition_sequences(empty, cells[0], empty, masks)
+        seqs = permutation_coalitions(cells[0], args.coalitions, rng)
         started = time.perf_counter()
         ev.logits(seqs)
         rate = len(seqs) / (time.perf_counter() - started)
         gene_s = gene_evals / rate
         how = f"{rate:.2f} evaluations/s x {gene_evals:,}"
 
-    scorer = Scorer(sets, vocab, max_rank=max(1, round(0.05 * len(genes))))
-    chunk = 8192
-    flat = np.concatenate([rng.choice(genes, size=n, replace=False) for _ in range(64)])
-    started = time.perf_counter()
-    done = 0
-    while done < args.score_cells:
-        m = min(chunk, args.score_cells - done)
-        reps = -(-m // 64)
-        tokens = np.tile(flat, reps)[: m * n]
-        scorer.score(tokens, np.arange(0, (m + 1) * n, n))
-        done += m
-    score_rate = args.score_cells / (time.perf_counter() - started)
+    score_row = None
+    if args.score_shards is not None:
+        import cellrank_fm as cfm
+        from cellrank_fm.shards import ShardSet
+
+        shards = ShardSet(args.score_shards)
+        pool = np.array(sorted(k for k in shards.vocabulary if not k.startswith("<")))
+        random_sets = {f"S{i:03d}": list(rng.choice(pool, size=s.n_in_vocab, replace=False))
+                       for i, s in enumerate(sets.sets)}
+        started = time.perf_counter()
+        scored = cfm.score(args.score_shards, random_sets, progress=False)
+        secs = time.perf_counter() - started
+        score_row = (len(scored) / secs, len(scored), secs, shards.model_input_size)
 
     print("| what | figure | peer (same run) |")
     print("|---|---|---|")
     print(f"| pathway SHAP, s per cell | **{np.mean(path_s):.1f}** ({np.mean(path_evals):,.0f} evaluations, "
           f"{np.mean(players):.0f} sets playing) | gene SHAP {gene_s:,.0f} s per cell ({how}) |")
-    print(f"| score, cells/s ({args.score_cells:,} cells x {n} tokens, {len(sets)} sets) | **{score_rate:,.0f}** | — |")
+    if score_row is not None:
+        rate, cells_scored, secs, size = score_row
+        print(f"| `score` from shards, cells/s ({cells_scored:,} cells x up to {size} tokens, {len(sets)} sets, "
+              f"{secs:.1f} s) | **{rate:,.0f}** | — |")
 
 
 if __name__ == "__main__":

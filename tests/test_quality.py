@@ -13,71 +13,27 @@ pipeline with pretraining.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from cli_helpers import run
 
-GENES_PER_CELL = 512
+# The shards and the five default fine-tuning runs (pbmc3k seeds 0-2, OneK1K by donor, Kang) are
+# session fixtures in conftest.py, shared with the tests that explain these classifiers.
 
 
 @pytest.fixture(scope="module")
-def tokenized(shared_data, tmp_path_factory):
-    g = shared_data / "geneformer"
-    dicts = ["--vocab", str(g / "token_dictionary_gc30M.pkl"), "--medians", str(g / "gene_median_dictionary_gc30M.pkl"),
-             "--gene-map", str(g / "gene_name_id_dict_gc30M.pkl"), "--model-input-size", str(GENES_PER_CELL), "-q"]
-    tmp = tmp_path_factory.mktemp("quality")
-
-    def tokenize(name: str, keep: str):
-        out = tmp / name
-        if not out.exists():
-            run(["tokenize", str(shared_data / "sc" / f"{name}.h5ad"), "--out", str(out), "--keep-obs", keep, *dicts])
-        return out
-
-    return tmp, tokenize
-
-
-TASKS = {  # shards, columns kept, extra finetune arguments
-    "pbmc3k": ("pbmc3k_seurat_labels", "cell_type", []),
-    "onek1k-by-donor": ("onek1k_subset_scdesignpop", "cell_type,donor", ["--split-by", "donor"]),
-    "kang": ("kang2017_pbmc_ifnb_2k", "condition", []),
-}
-
-
-RUNS = [("pbmc3k", 0), ("pbmc3k", 1), ("pbmc3k", 2), ("onek1k-by-donor", 0), ("kang", 0)]
+def tokenized(quality_shards, tmp_path_factory):
+    """(folder for this module's own runs, tokenize): the shared folder may be kept across sessions."""
+    _, tokenize = quality_shards
+    return tmp_path_factory.mktemp("quality-runs"), tokenize
 
 
 @pytest.fixture(scope="module")
-def finetuned(tokenized) -> dict:
-    """Every default fine-tuning run from scratch with `--baseline`, two at a time (one thread
-    each, as the machine has two cores): {(task, seed): (model, LR, token probe) macro-F1}."""
-    tmp, tokenize = tokenized
-    for name, keep, _ in TASKS.values():
-        tokenize(name, keep)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def one(task: str, seed: int) -> tuple[float, float, float]:
-        name, keep, extra = TASKS[task]
-        out = tmp / f"clf-{task}-{seed}"
-        cmd = [sys.executable, "-m", "cellrank_fm", "finetune", str(tmp / name), "--label", keep.split(",")[0],
-               "--preset", "tiny", "--out", str(out), "--baseline", "--seed", str(seed), "-q", *extra]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stdout + done.stderr
-        m = json.loads((out / "metrics.json").read_text())
-        f1, lr, probe = m["macro_f1"], m["baseline"]["macro_f1"], m["token_probe"]["macro_f1"]
-        print(f"{task}, seed {seed}: cellrank {f1:.3f}, LR {lr:.3f}, token probe {probe:.3f}, {m['steps']} steps")
-        # The guardrail stays quiet when the model holds its own.
-        assert f1 < max(lr, probe) - 0.05 or not m["warnings"]
-        return f1, lr, probe
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {run: pool.submit(one, *run) for run in RUNS}
-        return {run: f.result() for run, f in futures.items()}
+def finetuned(quality_models) -> dict:
+    """{(task, seed): (model, LR, token probe) macro-F1}."""
+    return {run: (r["f1"], r["lr"], r["probe"]) for run, r in quality_models.all().items()}
 
 
 def test_pbmc3k_cell_types(finetuned):
