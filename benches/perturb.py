@@ -7,7 +7,7 @@ Both sides run the same randomly initialised model (the `--preset` shape, `trans
 receiving our weights through `cellrank_fm.hf.to_transformers`) on the same synthetic cells, in
 the same process:
 
-- ours: `cellrank_fm.perturb.perturb_cells` end to end, `--mode delete` — the goal centroid,
+- ours: `perturb_cells` (python/cellrank_fm/perturb.py) end to end, `--mode delete` — the goal centroid,
   the original cells, every perturbed copy embedded in length-sorted, token-budgeted packed
   batches, the shifts and the statistics;
 - peer (in the same precision: bf16 autocast on CUDA, fp32 on CPU): Geneformer's `InSilicoPerturber` way (delete, `emb_mode="cell"`, a goal state):
