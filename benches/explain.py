@@ -76,7 +76,7 @@ def main() -> None:
     ours_s, ours_out = timed(ev.logits)
     rows = [("cellrank Evaluator (packed, token-budgeted)", ours_s)]
     if not args.no_peer:
-        from cellrank_fm.hf import to_transformers
+        from cellrank_fm.hf import padded_inputs, to_transformers
 
         hf = to_transformers(model)
 
@@ -85,13 +85,8 @@ def main() -> None:
             out = []
             for b in range(0, len(batch_seqs), args.peer_batch):
                 chunk = batch_seqs[b:b + args.peer_batch]
-                width = max(1, max(len(s) for s in chunk))
-                ids = torch.zeros(len(chunk), width, dtype=torch.long)
-                att = torch.zeros(len(chunk), width, dtype=torch.long)
-                for i, s in enumerate(chunk):
-                    ids[i, :len(s)] = torch.as_tensor(s)
-                    att[i, :len(s)] = 1
-                out.append(hf(input_ids=ids.to(args.device), attention_mask=att.to(args.device)).logits.float().cpu())
+                ids, att = padded_inputs(chunk, args.device)
+                out.append(hf(input_ids=ids, attention_mask=att).logits.float().cpu())
             return torch.cat(out).numpy()
 
         peer_s, _ = timed(peer)

@@ -43,17 +43,13 @@ def geneformer_deletion(hf, cells: dict[str, np.ndarray], goal_cells: list[np.nd
     """Shift toward the goal for every (cell, deleted gene token), computed as Geneformer does."""
     import torch
 
+    from cellrank_fm.hf import padded_inputs
+
     def embs(seqs: list[np.ndarray]) -> torch.Tensor:
         out = []
         for b in range(0, len(seqs), forward_batch):
             chunk = seqs[b:b + forward_batch]
-            width = max(len(s) for s in chunk)
-            ids = torch.zeros(len(chunk), width, dtype=torch.long)
-            mask = torch.zeros(len(chunk), width, dtype=torch.long)
-            for i, s in enumerate(chunk):
-                ids[i, :len(s)] = torch.as_tensor(s)
-                mask[i, :len(s)] = 1
-            ids, mask = ids.to(device), mask.to(device)
+            ids, mask = padded_inputs(chunk, device)
             hidden = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
             m = mask[..., None].to(hidden.dtype)
             out.append((hidden * m).sum(1) / m.sum(1))  # mean of the non-padding states

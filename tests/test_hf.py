@@ -5,7 +5,7 @@ import torch
 from cellrank_fm.batching import pack
 from cellrank_fm.checkpoint import load_encoder, load_model_dir, save_model_dir
 from cellrank_fm.errors import UserError
-from cellrank_fm.hf import export_hf, load_hf_checkpoint
+from cellrank_fm.hf import export_hf, load_hf_checkpoint, padded_inputs
 from cellrank_fm.model import BertForMaskedLM, BertForSequenceClassification, preset_config
 
 transformers = pytest.importorskip("transformers")
@@ -26,12 +26,7 @@ def _cells():
 
 def _hf_logits(hf_model, cells):
     """HF runs padded: attention_mask 1 = real token, 0 = padding; positions 0..L-1 per row."""
-    width = max(len(c) for c in cells)
-    ids = torch.zeros(len(cells), width, dtype=torch.long)
-    mask = torch.zeros(len(cells), width, dtype=torch.long)
-    for i, c in enumerate(cells):
-        ids[i, : len(c)] = torch.as_tensor(c)
-        mask[i, : len(c)] = 1
+    ids, mask = padded_inputs(cells)
     with torch.no_grad():
         out = hf_model(input_ids=ids, attention_mask=mask).logits
     if out.dim() == 2:

@@ -91,3 +91,17 @@ def to_transformers(model: _Base, head: str = "same"):
         raise ValueError(f"weights do not map onto transformers' BERT: missing {missing[:3]}, unexpected {unexpected[:3]}")
     device = next(model.parameters()).device
     return hf.to(device).eval()
+
+
+def padded_inputs(seqs, device=None):
+    """(input_ids, attention_mask), each [cells, longest], for `transformers` BERT: every cell's
+    tokens from position 0, then padding (id 0, mask 0)."""
+    import torch
+
+    width = max(1, max(len(s) for s in seqs))
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.as_tensor(s)
+        mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
