@@ -7,7 +7,7 @@ import torch
 from cellrank_fm.batching import pack
 from cellrank_fm.model import (
     BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification, ModelConfig,
-    PRESETS, padded_attention, pool, preset_config, varlen_available,
+    PRESETS, aligned_linear, padded_attention, pool, preset_config, varlen_available,
 )
 from cellrank_fm.errors import UserError
 
@@ -76,6 +76,26 @@ def test_heads_shapes_and_presets():
     assert 9e6 < n < 12e6
     with pytest.raises(UserError):
         ModelConfig(hidden_size=100, num_attention_heads=3)
+
+
+def test_aligned_linear_equals_linear_and_its_gradients():
+    # The vocabulary projection on CUDA pads its output width to a multiple of 8 (tensor-core
+    # alignment); the logits and every gradient must be those of the plain projection.
+    torch.manual_seed(0)
+    x = torch.randn(5, 16, requires_grad=True)
+    w = torch.randn(61, 16, requires_grad=True)  # 61 rows: 3 of padding
+    b = torch.randn(61, requires_grad=True)
+    target = torch.randint(0, 61, (5,))
+    grads = []
+    for fn in (torch.nn.functional.linear, aligned_linear):
+        out = fn(x, w, b)
+        assert out.shape == (5, 61)
+        torch.nn.functional.cross_entropy(out, target).backward()
+        grads.append((out.detach(), x.grad.clone(), w.grad.clone(), b.grad.clone()))
+        x.grad = w.grad = b.grad = None
+    for plain, padded in zip(*grads):
+        torch.testing.assert_close(padded, plain, rtol=1e-6, atol=1e-6)
+    assert aligned_linear(x, w[:56], None).shape == (5, 56)  # already aligned: no padding
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
