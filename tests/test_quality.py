@@ -5,7 +5,7 @@ variable genes, and the token probe, a logistic regression on the model's own in
 Real data from `../shared/data/sc` (skipped when absent), cells cut to their top 512 genes
 as on a CPU, fixed seeds, no training flags besides the model (`--preset tiny`, from scratch).
 The bounds: no more than 0.02 below the token probe and 0.05 below LR on the 9 PBMC types of
-pbmc3k (mean of three seeds) and the 4 OneK1K types split by donor; Kang stimulated vs control
+pbmc3k (on each of three seeds) and the 4 OneK1K types split by donor; Kang stimulated vs control
 no more than 0.02 below LR. About ten minutes on 2 cores (the fine-tuning runs go two at a time); `benches/quality.py` runs the whole
 pipeline with pretraining.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from cli_helpers import run
@@ -36,10 +35,11 @@ def finetuned(quality_models) -> dict:
     return {run: (r["f1"], r["lr"], r["probe"]) for run, r in quality_models.all().items()}
 
 
-def test_pbmc3k_cell_types(finetuned):
-    # Nine types, two of them with 3 and 1 test cells (DC, platelets): one cell moves macro-F1 by
-    # up to 0.1, so the bound holds for the mean of three fixed seeds (each seed's split differs).
-    f1, lr, probe = np.mean([finetuned["pbmc3k", seed] for seed in (0, 1, 2)], axis=0)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pbmc3k_cell_types(finetuned, seed):
+    # Nine types, two of them with 3 and 1 test cells (DC, platelets), so one cell moves
+    # macro-F1 by up to 0.1: the bound must hold on each of three fixed seeds (each its own split).
+    f1, lr, probe = finetuned["pbmc3k", seed]
     assert f1 >= probe - 0.02 and f1 >= lr - 0.05
 
 

@@ -11,7 +11,7 @@ from cellrank_fm.errors import UserError
 from cellrank_fm.model import BertForMaskedLM, preset_config
 from cellrank_fm.pretrain import MaskedGeneTask, masking_spec, split_cells
 from cellrank_fm.shards import ShardSet
-from cellrank_fm.train import TrainConfig, lr_lambda, train
+from cellrank_fm.train import TrainConfig, WeightAverage, lr_lambda, train
 from test_shards import write_shards
 
 
@@ -48,9 +48,11 @@ def _model():
     return BertForMaskedLM(preset_config("tiny", vocab_size=64, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1))
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_reproduces_uninterrupted_run(tmp_path, ema_decay):
     cfg = TrainConfig(lr=3e-3, warmup_steps=3, schedule="cosine", max_steps=12, grad_accum=2,
-                      tokens_per_batch=128, checkpoint_every=5, log_every=1, quiet=True, seed=3)
+                      tokens_per_batch=128, checkpoint_every=5, log_every=1, quiet=True, seed=3,
+                      ema_decay=ema_decay)
     task = _setup(tmp_path)
     summary = train(_model(), task, cfg, tmp_path / "whole")
     assert summary["step"] == 12
@@ -77,6 +79,27 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "broken" / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["split"] == "train"]
     assert steps == list(range(1, 13))  # the crashed run's records after step 5 were dropped
+    # With a weight average, the model saved is the average (also restored on resume), not the
+    # last step's weights, which the checkpoint keeps for training on.
+    last = torch.load(tmp_path / "whole" / "trainer_state.pt", weights_only=False)
+    differs = not torch.equal(a["bert.embeddings.LayerNorm.weight"], last["model"]["bert.embeddings.LayerNorm.weight"])
+    assert differs == (ema_decay > 0)
+    assert ("weight_average" in last) == (ema_decay > 0)
+
+
+def test_weight_average_follows_its_warmed_up_decay():
+    model = torch.nn.Linear(2, 1)
+    torch.nn.init.zeros_(model.weight)
+    avg = WeightAverage(model, decay=0.5)
+    torch.nn.init.ones_(model.weight)
+    kept = 1.0
+    for n in range(1, 6):
+        avg.update(model)
+        kept *= min(0.5, (1 + n) / (10 + n))  # the share of the initial zeros still in the average
+        torch.testing.assert_close(avg.model.weight, torch.full((1, 2), 1.0 - kept))
+    assert not avg.model.weight.requires_grad
+    with pytest.raises(UserError, match="decay"):
+        TrainConfig(ema_decay=1.0)
 
 
 def test_refuses_to_overwrite_or_resume_nothing(tmp_path):

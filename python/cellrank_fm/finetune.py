@@ -30,6 +30,12 @@ from cellrank_fm.shards import GENE_SET_FILE
 from cellrank_fm.splits import SHARD_HINT, Split, split_cells
 
 
+# The weights evaluated, kept and saved are an exponential moving average over about the last
+# 100 steps (`train.WeightAverage`): on small validation sets the single-step weights swing
+# from one evaluation to the next, and the best of those swings is a noisy pick.
+EMA_DECAY = 0.99
+
+
 @dataclass
 class FinetuneOptions:
     """Fine-tuning settings; the training ones left None are chosen by `plan_training`."""
@@ -52,6 +58,7 @@ class FinetuneOptions:
     warmup_fraction: float = 0.1
     weight_decay: float = 0.01
     gene_dropout: float = 0.0  # share of each training cell's genes left out at random, per step
+    ema_decay: float = EMA_DECAY  # evaluate and keep a moving average of the weights; 0 = the last step's
     tokens_per_batch: int | None = None
     evals_per_epoch: int = 2
     patience: int | None = None  # evaluations without a better validation loss or macro-F1
@@ -394,7 +401,7 @@ def finetune_cells(shard_dir: str | Path, out: str | Path, opts: FinetuneOptions
             schedule="linear", max_steps=plan.max_steps, tokens_per_batch=plan.tokens_per_batch,
             eval_every=plan.eval_every, eval_at_start=False, checkpoint_every=plan.eval_every,
             log_every=max(1, min(10, plan.steps_per_epoch)), seed=opts.seed, device=opts.device,
-            max_seconds=opts.max_seconds, quiet=opts.quiet,
+            max_seconds=opts.max_seconds, quiet=opts.quiet, ema_decay=opts.ema_decay,
         )
         summary = train(model, task, cfg, tmp / "training", resume=resuming)
         # The best checkpoint (by validation macro-F1) becomes the model; without a validation

@@ -14,10 +14,10 @@ A task plugs into `train(model, task, cfg, out_dir)` by providing five methods:
         Called under autocast on the training device with `batch` already moved there.
         `model` may be wrapped (DDP / torch.compile): call it, don't reach into it.
     evaluate(model) -> dict[str, float]
-        Validation metrics; called on rank 0 only, with the unwrapped model in eval mode,
-        under `torch.no_grad()` and autocast.
+        Validation metrics; called on rank 0 only, with the unwrapped model (or, with
+        `ema_decay`, its weight average) in eval mode, under `torch.no_grad()` and autocast.
     save(model, out_dir, extra) -> None
-        Write the model directory (`cellrank_fm.checkpoint.save_model_dir`); `extra` holds
+        Write the model directory (`cellrank_fm.checkpoint.save_model_dir`) of the model `evaluate` sees; `extra` holds
         {"step": n} for the config's "cellrank" block. Called on rank 0.
     should_stop() -> bool   (optional)
         Asked on rank 0 after each evaluation; True ends training there with a checkpoint
@@ -79,6 +79,9 @@ class TrainConfig:
     bf16: bool = True  # False: fp32 everywhere; True: `precision` decides
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" (any device) | "fp32"; see accel
     compile: bool = False
+    # > 0: evaluate, keep and save an exponential moving average of the weights with this decay
+    # (`WeightAverage`) instead of the weights of the last step.
+    ema_decay: float = 0.0
     device: str = "auto"
     max_seconds: float | None = None  # stop cleanly (with a checkpoint) after this wall time
     quiet: bool = False
@@ -93,6 +96,40 @@ class TrainConfig:
             raise UserError("max_steps, grad_accum and tokens_per_batch must be positive.")
         if self.lr is not None and self.lr <= 0:
             raise UserError(f"the learning rate must be positive, not {self.lr}.")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"the weight-average decay must be in [0, 1), not {self.ema_decay}.")
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (a copy, updated after each step).
+
+    The decay warms up as (1 + n) / (10 + n) over the first updates, so that the average does
+    not stay close to the initial weights; then it is `decay`, an average over about
+    1 / (1 − decay) steps. Evaluated instead of the last step's weights, it smooths the
+    step-to-step noise that small validation sets would otherwise pick the best checkpoint from.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        import copy
+
+        self.model = copy.deepcopy(model).eval()
+        self.model.requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        weight = 1.0 - min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for avg, p in zip(self.model.parameters(), model.parameters()):
+            avg.lerp_(p.detach(), weight)
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = int(state["updates"])
+        self.model.load_state_dict(state["model"])
 
 
 class Task(Protocol):
@@ -302,9 +339,12 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, out_dir: str | P
         model.to(device)
     optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 and is_main else None
     if resume:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if average is not None and state.get("weight_average"):
+            average.load_state_dict(state["weight_average"])
         if is_main:
             _truncate_metrics(out_dir, step)
 
@@ -314,13 +354,14 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, out_dir: str | P
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     run_model = compile_model(model) if cfg.compile else model
+    evaluated = raw_model if average is None else average.model  # what is evaluated and saved
 
     def evaluate(at_step: int) -> dict:
         result: dict = {}
         if is_main:
             raw_model.eval()
             with torch.no_grad(), autocast(cfg, device):
-                result = {k: float(v) for k, v in task.evaluate(raw_model).items()}
+                result = {k: float(v) for k, v in task.evaluate(evaluated).items()}
             raw_model.train()
             _append_metrics(out_dir, {"step": at_step, "split": "val", **result})
         dist.barrier()
@@ -328,7 +369,7 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, out_dir: str | P
 
     def checkpoint(at_step: int) -> None:
         if is_main:
-            task.save(raw_model, out_dir, {"step": at_step})
+            task.save(evaluated, out_dir, {"step": at_step})
             from cellrank_fm.checkpoint import state_dict_for_saving
 
             # One file holds everything a resumed run needs, so a checkpoint is whole or absent.
@@ -338,6 +379,7 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, out_dir: str | P
                      "scaler": scaler.state_dict(),
                      "world_size": world, "config": dataclasses.asdict(cfg),
                      "model": state_dict_for_saving(raw_model),
+                     **({"weight_average": average.state_dict()} if average is not None else {}),
                      **({"task": task.state_dict()} if hasattr(task, "state_dict") else {})},
                     tmp,
                 )
@@ -379,6 +421,8 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, out_dir: str | P
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if average is not None:
+                average.update(raw_model)
             step += 1
             window_loss += step_loss
             window_steps += 1

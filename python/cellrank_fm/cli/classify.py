@@ -99,6 +99,7 @@ def finetune_cmd(
     tokens_per_batch: Annotated[Optional[int], typer.Option("--tokens-per-batch", help="Padded tokens per batch (default: about 32 cells, at most 16,384 tokens).", rich_help_panel=TRAIN)] = None,
     patience: Annotated[Optional[int], typer.Option("--patience", help="Stop after this many evaluations with neither a lower validation loss nor a higher macro-F1 (default: two epochs' worth; 0 = never).", rich_help_panel=TRAIN)] = None,
     gene_dropout: Annotated[Optional[float], typer.Option("--gene-dropout", help="Leave out this share of each training cell's genes at random at every step (augmentation).", rich_help_panel=TRAIN)] = None,
+    ema_decay: Annotated[Optional[float], typer.Option("--ema-decay", help="Evaluate and keep a moving average of the weights with this decay per step (default 0.99, about the last 100 steps; 0 = the last step's weights).", rich_help_panel=TRAIN)] = None,
     evals_per_epoch: Annotated[int, typer.Option("--evals-per-epoch", help="Validation evaluations per epoch.", rich_help_panel=TRAIN)] = 2,
     no_class_weight: NoClassWeight = False,
     max_cells: Annotated[Optional[int], typer.Option("--max-cells", help="Train on at most this many cells (seeded sample of the training split; --task genes: 2,000 by default).", rich_help_panel=TRAIN)] = None,
@@ -150,7 +151,7 @@ def finetune_cmd(
         raise UserError(f"--task must be cells or genes, not {task!r}.")
     result = api.finetune(
         shards, label=label, baseline=baseline, resume=resume, pooling=pooling, class_weight=not no_class_weight,
-        evals_per_epoch=evals_per_epoch, gene_dropout=gene_dropout, patience=patience, min_epochs=min_epochs, max_seconds=max_seconds,
+        evals_per_epoch=evals_per_epoch, gene_dropout=gene_dropout, ema_decay=ema_decay, patience=patience, min_epochs=min_epochs, max_seconds=max_seconds,
         split_by=split_by, split_column=split_column, validation_fraction=validation_fraction,
         test_fraction=test_fraction, min_class_size=min_class_size, **common,
     ).summary
