@@ -22,8 +22,8 @@ Parts:
   (SDPA, padded) on the same length-grouped batches, presets geneformer-v1 and
   geneformer-v2-104m, ours with and without compile.
 - finetune: cell-classifier training steps/s; inference: predict and embed cells/s.
-- explain: the gene-deletion game as `explain` plays it (`permutation_values`, explain's
-  default token budget) on one 2,048-gene cell (geneformer-v1): two permutations timed, seconds
+- explain: the gene-deletion game as `explain` plays it (`permutation_values`, batches of up
+  to 262,144 tokens: `explain --tokens-per-batch 262144`) on one 2,048-gene cell (geneformer-v1): two permutations timed, seconds
   per cell for 10, eager and with the encoder compiled (`--compile`); then the pathway game
   (150 synthetic gene sets as players, compiled), one permutation timed, seconds per cell for 10.
 - perturb: in silico deletions/s at 2,048 genes (one cell's perturbed copies, in chunks until
@@ -501,7 +501,7 @@ def part_explain(check: Check, budget_s: float) -> dict:
     genes = rng.choice(np.arange(4, cfg.vocab_size), size=n, replace=check.smoke)
     cell = np.asarray(genes, dtype=np.int64)
     # The gene game as `explain` plays it: antithetic permutations of 2n+1 evaluations each, in
-    # explain's default token budget. Two permutations timed; a default run has ten.
+    # the evaluator's token budget. Two permutations timed; a default run has ten.
     out: dict = {"genes": n}
     for label in ("eager", "compiled"):
         if label == "compiled":  # explain --compile: the encoder compiled in place
