@@ -122,8 +122,8 @@ class WeightAverage:
     def update(self, model: torch.nn.Module) -> None:
         self.updates += 1
         weight = 1.0 - min(self.decay, (1 + self.updates) / (10 + self.updates))
-        # One fused update over all tensors (a kernel per tensor would add ~200 launches a step).
-        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], weight)
+        for avg, p in zip(self.model.parameters(), model.parameters()):
+            avg.lerp_(p.detach(), weight)
 
     def state_dict(self) -> dict:
         return {"updates": self.updates, "model": self.model.state_dict()}
