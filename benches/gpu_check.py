@@ -19,8 +19,10 @@ Parts:
   inference's `--compile` (the encoder compiled in place): cell embeddings against eager's,
   at most 4 graphs.
 - pretrain: tokens/s, MFU and peak memory, ours (packed) vs `transformers.BertForMaskedLM`
-  (SDPA, padded) on the same length-grouped batches, presets geneformer-v1 and
-  geneformer-v2-104m, ours with and without compile.
+  (SDPA, padded) on the same length-grouped batches, presets geneformer-v1 (65,536 tokens per
+  step) and geneformer-v2-104m (262,144 on a GPU of 120 GiB or more, else 131,072), ours with
+  and without compile; the peer accumulates each step in padded micro-batches of at most
+  131,072 tokens, the most it holds in memory.
 - finetune: cell-classifier training steps/s; inference: predict and embed cells/s.
 - explain: the gene-deletion game as `explain` plays it (`permutation_values`, batches of up
   to 262,144 tokens: `explain --tokens-per-batch 262144`) on one 2,048-gene cell (geneformer-v1): two permutations timed, seconds
@@ -63,6 +65,9 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 # Seconds per part on the GPU (the whole run fits in 8 minutes with start-up).
 BUDGET = {"numerics": 30, "compile": 90, "pretrain": 120, "finetune": 20, "inference": 20, "explain": 30,
           "perturb": 30}
+# The peer's padded micro-batches (accumulated into one step): it held 131,072 padded tokens of
+# geneformer-v2-104m in 74 GiB, and twice that does not fit one H200.
+PEER_MICRO_TOKENS = 131072
 TARGETS = {"pretrain_speedup_v2": 2.0, "pretrain_mfu_v2": 0.35, "shap_s_per_cell": 5.0, "perturb_job_h": 1.0}
 
 
@@ -309,12 +314,9 @@ def _compiled_inference(check: Check, cfg, max_len: int) -> dict:
 # ----------------------------------------------------------------------------- throughput
 
 
-def _pretrain_batches(cfg, rng, smoke, n_batches):
+def _pretrain_batches(cfg, rng, smoke, n_batches, tpb):
     """Length-grouped token-budget batches of synthetic cells, masked: [(cells, ids, labels)]."""
     max_len = 48 if smoke else min(cfg.max_position_embeddings, 4096)
-    # The 104M model runs at 131,072 tokens per step, where the fixed cost of a step weighs less
-    # (one H200, compiled: MFU 31.6% at 65,536, 33.0-34.9% at 131,072, 36.2% at 262,144).
-    tpb = 512 if smoke else 131072 if cfg.hidden_size >= 768 else 65536
     cells = _cells(rng, 64 if smoke else 4 * n_batches * tpb // max_len, max_len, cfg.vocab_size)
     spec = MaskingSpec(cfg.vocab_size, 1, (0, 1, 2, 3))
     lengths = np.array([len(c) for c in cells])
@@ -324,25 +326,63 @@ def _pretrain_batches(cfg, rng, smoke, n_batches):
         ids, labels = mask_genes(pack(chosen).input_ids.numpy(), spec, rng)
         out.append((chosen, ids, labels))
     mean_len = float((lengths**2).sum() / lengths.sum())  # the sequence length a token sees
-    return out, mean_len, tpb
+    return out, mean_len
+
+
+def _tokens_per_batch(cfg, device, smoke) -> int:
+    """The batch each preset is timed at (tokens per optimizer step).
+
+    The 104M model is judged at 262,144 tokens per step where the GPU holds it (one H200,
+    compiled: MFU 31.6% at 65,536, 33.0-34.9% at 131,072, 36.2% at 262,144 tokens, as a step's
+    fixed cost weighs less); 131,072 on smaller GPUs (eager at 131,072 took 42 GiB)."""
+    if smoke:
+        return 512
+    if cfg.hidden_size < 768:
+        return 65536
+    big = device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory >= 120 * 2**30
+    return 262144 if big else 131072
+
+
+def _peer_micro_batches(cells, ids, labels, max_tokens):
+    """One step's cells as padded `transformers` inputs, split into micro-batches of at most
+    `max_tokens` padded tokens (accumulated into one step), each loss weighted by its share of
+    the step's masked genes: padding makes the peer's memory grow with the longest cell, and it
+    cannot hold a step that the packed model holds."""
+    b = pack(cells)
+    ids, labels = b.padded(torch.from_numpy(ids)), b.padded(torch.from_numpy(labels), fill=-100)
+    mask = b.key_mask.long()
+    rows = max(1, max_tokens // ids.shape[1])
+    total = int((labels != -100).sum())
+    out = []
+    for i in range(0, ids.shape[0], rows):
+        keep = mask[i:i + rows]
+        width = int(keep.sum(1).max())
+        part = labels[i:i + rows, :width].contiguous()
+        out.append(dict(input_ids=ids[i:i + rows, :width].contiguous(), attention_mask=keep[:, :width].contiguous(),
+                        labels=part,
+                        _weight=int((part != -100).sum()) / max(total, 1), _tokens=int(keep.sum())))
+    return out
 
 
 def _train_rate(check, model, loss_fn, batches, tokens, budget_s, precision):
+    """Optimizer steps over `batches` (each a list of micro-batches, accumulated) in the box:
+    (tokens/s, steps, seconds, peak GiB)."""
     from cellrank_fm.train import TrainConfig, make_optimizer
 
     opt = make_optimizer(model, TrainConfig(), check.device)
 
-    def step(b):
-        with precision.autocast():
-            loss = loss_fn(b)
-        loss.backward()
+    def step(micros):
+        for m in micros:
+            with precision.autocast():
+                loss = loss_fn(m)
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     if check.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(check.device)
     seconds, calls = _timed(check, step, batches, budget_s, warmup=2)
-    n_tokens = sum(tokens(batches[(2 + i) % len(batches)]) for i in range(calls))
+    n_tokens = sum(tokens(m) for i in range(calls) for m in batches[(2 + i) % len(batches)])
     mem = torch.cuda.max_memory_allocated(check.device) / 2**30 if check.device.type == "cuda" else None
     return n_tokens / seconds, calls, seconds, mem
 
@@ -362,7 +402,8 @@ def part_pretrain(check: Check, budget_s: float) -> dict:
     for preset in presets:
         cfg = preset_config(preset, vocab_size=64 if preset == "tiny" else None, hidden_dropout_prob=0.0,
                             attention_probs_dropout_prob=0.0)
-        data, mean_len, tpb = _pretrain_batches(cfg, np.random.default_rng(2), check.smoke, 12)
+        tpb = _tokens_per_batch(cfg, dev, check.smoke)
+        data, mean_len = _pretrain_batches(cfg, np.random.default_rng(2), check.smoke, 12, tpb)
         fpt = flops_per_token(cfg, mean_len, masked_fraction=0.15)
         res = {}
         for who, compiled in runs:
@@ -375,7 +416,7 @@ def part_pretrain(check: Check, budget_s: float) -> dict:
                 for cells, ids, labels in data:
                     b = pack(cells)
                     b.input_ids, b.labels = torch.from_numpy(ids), torch.from_numpy(labels)
-                    batches.append(b.to(dev))
+                    batches.append([b.to(dev)])
                 graphs = counters["stats"]["unique_graphs"]
                 # A fresh copy per step, as a training loop makes: a batch that went through once
                 # carries cached index tensors, which a compiled model's guards treat as a new input.
@@ -387,18 +428,20 @@ def part_pretrain(check: Check, budget_s: float) -> dict:
             else:
                 hf_cfg = transformers.BertConfig(**cfg.hf_dict("BertForMaskedLM"))
                 model = transformers.BertForMaskedLM._from_config(hf_cfg, attn_implementation="sdpa").to(dev).train()
-                batches = [dict(input_ids=b.padded(torch.from_numpy(ids)).to(dev),
-                                attention_mask=b.key_mask.long().to(dev),
-                                labels=b.padded(torch.from_numpy(labels), fill=-100).to(dev), _tokens=b.num_tokens)
-                           for b, ids, labels in ((pack(c), i, la) for c, i, la in data)]
+                micro = PEER_MICRO_TOKENS // (512 if check.smoke else 1)
+                batches = [[{k: v.to(dev) if torch.is_tensor(v) else v for k, v in m.items()}
+                            for m in _peer_micro_batches(*d, micro)] for d in data]
+                peer_micro = max(len(b) for b in batches)
                 tps, steps, _, mem = _train_rate(
-                    check, model, lambda b, m=model: m(**{k: v for k, v in b.items() if k[0] != "_"}).loss, batches,
-                    lambda b: b["_tokens"], share, precision)
+                    check, model, lambda m, model=model: model(**{k: v for k, v in m.items() if k[0] != "_"}).loss
+                    * m["_weight"], batches, lambda m: m["_tokens"], share, precision)
                 name = "transformers BertForMaskedLM (SDPA, padded)"
             mfu = None if peak is None else tps * fpt / peak
             res[name] = {"tokens_per_s": tps, "mfu": mfu, "peak_mem_gib": mem, "timed_steps": steps}
             if who == "ours" and compiled:
                 res[name]["graphs"] = graphs
+            if who == "transformers":
+                res[name]["micro_batches_per_step"] = peer_micro
             print(f"[pretrain] {preset}, {name}: {tps:,.0f} tok/s over {steps} steps"
                   f"{f', {graphs} graphs' if who == 'ours' and compiled else ''}", flush=True)
             del model
@@ -413,7 +456,8 @@ def part_pretrain(check: Check, budget_s: float) -> dict:
                 verdict = "target met" if met else "target missed (>=2x, >=35% MFU)"
             mfu = "" if r["mfu"] is None else f", MFU {100 * r['mfu']:.1f}%"
             mem = "" if r["peak_mem_gib"] is None else f", {r['peak_mem_gib']:.1f} GiB"
-            check.row("pretrain", name, f"{preset}, {tpb:,} tok/batch, {precision.name}",
+            acc = f", in {r['micro_batches_per_step']} micro-batches" if r.get("micro_batches_per_step", 1) > 1 else ""
+            check.row("pretrain", name, f"{preset}, {tpb:,} tok/batch{acc}, {precision.name}",
                       f"{r['tokens_per_s']:,.0f} tok/s{mfu}{mem}", f"{r['vs_transformers']:.2f}x transformers", verdict)
         out[preset] = res
     return out
@@ -434,6 +478,7 @@ def part_finetune(check: Check, budget_s: float) -> dict:
     lengths = np.array([len(c) for c in cells])
     batches = [pack([cells[i] for i in idx], dev, labels=rng.integers(0, 3, size=len(idx))).to(dev)
                for idx in token_budget_batches(lengths, tpb, seed=0)[:8]]
+    batches = [[b] for b in batches]
     _, steps, seconds, _ = _train_rate(check, model, lambda b: F.cross_entropy(model(b).float(), b.labels), batches,
                                        lambda b: b.num_tokens, budget_s, precision)
     rate = steps / seconds

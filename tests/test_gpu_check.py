@@ -45,3 +45,29 @@ def test_a_numerical_mismatch_makes_the_check_fail(tmp_path, monkeypatch):
     out = tmp_path / "check.json"
     assert gpu_check.main(["--device", "cpu", "--smoke", "--parts", "numerics", "--out", str(out)]) == 1
     assert not json.loads(out.read_text())["ok"]
+
+
+def test_the_peers_micro_batches_add_up_to_the_whole_step():
+    """The peer accumulates a step in padded micro-batches; their weighted losses must sum to
+    the whole step's mean masked-gene loss, and their tokens to the step's real tokens."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from cellrank_fm.batching import pack
+    from cellrank_fm.model import preset_config
+
+    gpu_check = _load()
+    cfg = preset_config("tiny", vocab_size=64)
+    (cells, ids, labels), *_ = gpu_check._pretrain_batches(cfg, np.random.default_rng(0), True, 1, 512)[0]
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(transformers.BertConfig(**cfg.hf_dict("BertForMaskedLM"))).eval()
+    micros = gpu_check._peer_micro_batches(cells, ids, labels, 2 * max(map(len, cells)))
+    assert len(micros) > 2 and all(m["input_ids"].shape[0] <= 2 for m in micros)
+    assert sum(m["_tokens"] for m in micros) == pack(cells).num_tokens
+    b = pack(cells)
+    with torch.no_grad():
+        whole = model(input_ids=b.padded(torch.from_numpy(ids)), attention_mask=b.key_mask.long(),
+                      labels=b.padded(torch.from_numpy(labels), fill=-100)).loss
+        parts = sum(model(**{k: v for k, v in m.items() if k[0] != "_"}).loss * m["_weight"] for m in micros)
+    torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-6)
