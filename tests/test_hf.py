@@ -1,3 +1,6 @@
+import os
+import stat
+
 import numpy as np
 import pytest
 import torch
@@ -92,7 +95,13 @@ def test_model_dir_round_trip_and_encoder_transfer(tmp_path):
     mlm = BertForMaskedLM(preset_config("tiny", vocab_size=120)).eval()
     _randomise_biases(mlm)
     vocab = {"<pad>": 0, "<mask>": 1, **{f"G{i}": i for i in range(2, 120)}}
-    save_model_dir(mlm, tmp_path / "m", vocab, {"G2": 1.5}, extra_config={"model_version": "v1"})
+    old_mask = os.umask(0o022)
+    try:
+        save_model_dir(mlm, tmp_path / "m", vocab, {"G2": 1.5}, extra_config={"model_version": "v1"})
+    finally:
+        os.umask(old_mask)
+    # Shareable like every other file written (safetensors alone would make the weights 0600).
+    assert {stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "m").iterdir()} == {0o644}
     back, info = load_model_dir(tmp_path / "m", expect="mlm")
     cells = _cells()
     with torch.no_grad():

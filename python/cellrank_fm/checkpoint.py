@@ -18,6 +18,7 @@ checkpoint, so published Geneformer directories load here too (see `cellrank_fm.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,8 @@ def save_model_dir(
     config["cellrank"] = {"pooling": cfg.pooling, "special_token_ids": list(cfg.special_token_ids), **(extra_config or {})}
     with atomic_path(out / WEIGHTS) as tmp:
         save_file(state_dict_for_saving(model), str(tmp), metadata={"format": "pt"})
+        # safetensors creates its file owner-only (0600); give it the mode every other file here gets.
+        tmp.chmod(0o666 & ~_umask())
     if vocabulary is not None:
         write_json(vocabulary, out / "vocabulary.json")
     if medians is not None:
@@ -90,6 +93,12 @@ def save_model_dir(
         write_json(gene_map, out / GENE_MAP_FILE)
     write_json(config, out / CONFIG)  # last: a directory with config.json is complete
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
