@@ -230,7 +230,7 @@ def test_perturb_result_object(kang, trained, tmp_path):
     assert json.loads((tmp_path / "pert" / "settings.json").read_text())["genes"] == ["ENSG00000187608", "ENSG00000126709"]
 
 
-def test_medians_and_baseline(kang, trained):
+def test_medians_and_baseline(kang, trained, tmp_path):
     mem, path, dicts = kang
     shards_mem, shards_backed, _, _ = trained
     med = cfm.medians(mem, gene_id_column="ensembl_id", progress=False)
@@ -238,8 +238,23 @@ def test_medians_and_baseline(kang, trained):
     assert len(med) > 1000 and all(v > 0 for v in med.values())
     metrics = cfm.baseline(shards_backed, label="condition", n_top_genes=200)
     assert metrics["cells"] == metrics["split"]["test"] and metrics["genes"] == 200
-    with pytest.raises(cfm.UserError, match="AnnData held in memory"):
+    with pytest.raises(cfm.UserError, match="AnnData held in memory.*pass that AnnData too"):
         cfm.baseline(shards_mem, label="condition")
+    # The in-memory AnnData's counts, passed alongside its shards or alone, are the file's counts.
+    alongside = cfm.baseline(shards_mem, label="condition", n_top_genes=200, adata=mem)
+    assert alongside["confusion_matrix"] == metrics["confusion_matrix"]
+    assert alongside["macro_f1"] == metrics["macro_f1"] and alongside["C"] == metrics["C"]
+    alone, from_file = (cfm.baseline(x, label="condition", n_top_genes=200) for x in (mem, path))
+    assert alone["split"] == from_file["split"] and alone["confusion_matrix"] == from_file["confusion_matrix"]
+    assert alone["macro_f1"] == from_file["macro_f1"]
+    with pytest.raises(cfm.UserError, match="of the shards is not in the AnnData object"):
+        other = mem.copy()
+        other.obs_names = [f"x{i}" for i in range(other.n_obs)]
+        cfm.baseline(shards_mem, label="condition", adata=other)
+    clf = cfm.finetune(shards_mem, out=tmp_path / "clf", label="condition", preset="tiny", epochs=1, tokens_per_batch=2048,
+                       device="cpu", progress=False, baseline=mem)
+    assert clf.metrics["baseline"]["macro_f1"] == cfm.baseline(shards_backed, label="condition")["macro_f1"]
+    assert clf.metrics["token_probe"]["macro_f1"] > 0
 
 
 def test_errors_are_the_command_lines_sentences(kang, trained, tmp_path, capsys):

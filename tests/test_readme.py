@@ -124,4 +124,5 @@ def test_readme_commands_run(shared_data, tmp_path):
     # The Python API session: an in-memory AnnData tokenized, a classifier, SHAP files.
     assert json.loads((work / "pbmc_api_shards" / "manifest.json").read_text())["inputs"][0]["in_memory"]
     assert (work / "api_classifier" / "labels.json").is_file()
+    assert json.loads((work / "api_classifier" / "metrics.json").read_text())["baseline"]["macro_f1"] > 0.5
     assert (work / "shap_api" / "gene_importance.csv").is_file()

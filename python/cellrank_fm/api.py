@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, Union
 
 from cellrank_fm.errors import UserError
-from cellrank_fm.inference import LoadedModel, TrainedModel, load_model
+from cellrank_fm.inference import LoadedModel, TrainedModel, is_anndata, load_model
 
 if TYPE_CHECKING:
     import anndata
@@ -45,7 +45,7 @@ __all__ = ["tokenize", "tokenize_anndata", "medians", "load_model", "pretrain", 
 
 def _target(data: Cells, copy: bool) -> tuple[anndata.AnnData, bool]:
     """(the AnnData to write results into, whether to return it)."""
-    from cellrank_fm.inference import is_anndata, open_h5ad
+    from cellrank_fm.inference import open_h5ad
 
     if is_anndata(data):
         if not copy:
@@ -60,8 +60,6 @@ def _target(data: Cells, copy: bool) -> tuple[anndata.AnnData, bool]:
 
 
 def _name(data: Any) -> str:
-    from cellrank_fm.inference import is_anndata
-
     return "the AnnData" if is_anndata(data) else os.fspath(data)
 
 
@@ -166,7 +164,7 @@ def tokenize_anndata(data: Cells, model: Model, *, layer: str | None = None, gen
     import numpy as np
     import pandas as pd
 
-    from cellrank_fm.inference import as_model, is_anndata, open_h5ad, tokenized_chunks
+    from cellrank_fm.inference import as_model, open_h5ad, tokenized_chunks
 
     lm = as_model(model, device=device, gene_id_column=gene_id_column, gene_map=gene_map)
     adata = data if is_anndata(data) else open_h5ad(data)
@@ -277,7 +275,7 @@ def finetune(
     gene_labels: PathLike | None = None,
     from_model: Model | None = None,
     preset: str | None = None,
-    baseline: bool = False,
+    baseline: bool | anndata.AnnData | Sequence[anndata.AnnData] = False,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -294,7 +292,9 @@ def finetune(
         out: the output directory (must not exist or be empty).
         from_model: a pretrained model (ours or a HuggingFace Geneformer directory); or `preset`
             to train from scratch.
-        baseline: also fit the logistic-regression baseline on the same split.
+        baseline: also fit the logistic-regression baseline (and the token probe) on the same
+            split. For shards tokenized from an AnnData held in memory, pass that AnnData (or
+            the list of them, in tokenizing order) instead of True: the baseline reads its counts.
         resume: continue an interrupted cell-classification run in `out` (same result as one
             run); overwrite: replace what `out` holds.
         **options: fields of `FinetuneOptions` (or `GeneTaskOptions` with `gene_labels`), both
@@ -322,14 +322,17 @@ def finetune(
     if label is None:
         raise UserError("cell classification needs --label COLUMN (a metadata column kept in the shards).")
     opts = FinetuneOptions(label=label, from_model=source, preset=preset, quiet=not progress, **options)
-    result = finetune_cells(shards, out, opts, with_baseline=baseline, resume=resume, overwrite=overwrite)
+    held = [] if isinstance(baseline, bool) else [baseline] if is_anndata(baseline) else list(baseline)
+    result = finetune_cells(shards, out, opts, with_baseline=bool(held) or baseline is True, resume=resume,
+                            overwrite=overwrite, baseline_anndata=held)
     return TrainedModel(Path(out), result, device=opts.device)
 
 
 def baseline(
-    data: ShardSet | PathLike,
+    data: ShardSet | Cells,
     *,
     label: str,
+    adata: anndata.AnnData | Sequence[anndata.AnnData] = (),
     n_top_genes: int = 2000,
     class_weight: bool = True,
     seed: int = 0,
@@ -342,7 +345,10 @@ def baseline(
     """Logistic regression on log-normalised highly variable genes, on the same split as `finetune`.
 
     Args:
-        data: a shard directory (the counts are read back from its input files) or an input file.
+        data: a shard directory (the counts are read back from its input files), an input file,
+            or an AnnData (in memory or backed).
+        adata: with shards tokenized from an AnnData held in memory: that AnnData (or the
+            list of them, in tokenizing order), whose counts have no file to be read back from.
 
     Returns:
         The test-split metrics (accuracy, macro_f1, per_class, confusion_matrix, ...).
@@ -350,10 +356,11 @@ def baseline(
     Example:
         >>> cfm.baseline(shards, label="condition")["macro_f1"]
     """
-    from cellrank_fm.baseline import run_baseline
+    from cellrank_fm.baseline import load_table, run_baseline
 
-    return run_baseline(data, label, n_top_genes=n_top_genes, class_weight=class_weight, seed=seed,
-                        split_by=split_by, split_column=split_column, validation_fraction=validation_fraction,
+    held = [adata] if is_anndata(adata) else list(adata)
+    return run_baseline(data, label, table=load_table(data, held), n_top_genes=n_top_genes, class_weight=class_weight,
+                        seed=seed, split_by=split_by, split_column=split_column, validation_fraction=validation_fraction,
                         test_fraction=test_fraction, min_class_size=min_class_size)
 
 
@@ -700,7 +707,7 @@ def score(
     """
     import anndata as ad
 
-    from cellrank_fm.inference import as_model, gene_symbols, is_anndata
+    from cellrank_fm.inference import as_model, gene_symbols
     from cellrank_fm.score import (anndata_chunks, annotate, encoding_from_files, encoding_from_model,
                                    encoding_from_shards, max_rank_for, score_chunks, shard_chunks, shard_obs)
     from cellrank_fm.shards import ShardSet

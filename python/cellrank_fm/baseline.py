@@ -2,7 +2,8 @@
 
 It uses the same split (same function, same seed, keyed on cell ids) as `finetune`, so the two
 test figures are directly comparable. Given a shard directory it reads the raw counts back from
-the input files recorded in the manifest (`source` + `cell_id` link each row to its cell).
+the input files recorded in the manifest (`source` + `cell_id` link each row to its cell); an
+AnnData held in memory, which has no file to read back, is passed alongside.
 Counts stream through in row chunks twice: once over the training cells for gene statistics,
 once to gather the selected genes of the kept cells as a sparse matrix.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -19,6 +20,7 @@ import scipy.sparse as sp
 from cellrank_fm.errors import UserError
 from cellrank_fm.metrics import classification_metrics
 from cellrank_fm.splits import SHARD_HINT, Split, split_cells
+from cellrank_fm.tokenize import in_memory_names, is_anndata
 
 CHUNK_ROWS = 8192
 
@@ -32,7 +34,7 @@ class CellTable:
 
     cell_ids: list[str]
     columns: dict[str, object]  # name -> values per cell
-    files: list[Path]
+    files: list[Any]  # input file paths, or AnnData objects held in memory
     rows: np.ndarray  # int64 [cells, 2]
     layer: str | None = None
     from_shards: bool = False
@@ -44,12 +46,22 @@ class CellTable:
         return self.column_names(reader) if self.column_names else list(reader.var_names)
 
 
-def _open(path: Path, layer: str | None = None):
-    from cellrank_fm.readers import open_input
-
+def _open(source, layer: str | None = None):
+    """A reader over an input file, or over an AnnData object held in memory."""
+    from cellrank_fm.readers import AnnDataReader, open_input
+    if is_anndata(source):
+        if not source.isbacked:
+            return AnnDataReader(source, layer)
+        source = source.filename
+    path = Path(source)
     if not path.exists():
         raise UserError(f"input file {path} does not exist; the baseline reads the raw counts from it.")
     return open_input(path, layer=layer)
+
+
+def _describe(source) -> str:
+    return "the AnnData object" if is_anndata(source) and not source.isbacked else str(
+        source.filename if is_anndata(source) else source)
 
 
 def _ids_and_columns(reader, with_columns: bool = True) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -69,20 +81,26 @@ def _ids_and_columns(reader, with_columns: bool = True) -> tuple[list[str], dict
     return ids, {c: np.asarray(v, dtype=object) for c, v in parts.items()}
 
 
-def table_from_file(path: str | Path, layer: str | None = None) -> CellTable:
-    path = Path(path)
-    with _open(path, layer) as reader:
+def table_from_file(source, layer: str | None = None) -> CellTable:
+    """The cells of one input: a file any reader understands, or an AnnData object."""
+    source = source if is_anndata(source) else Path(source)
+    with _open(source, layer) as reader:
         ids, columns = _ids_and_columns(reader)
     n = len(ids)
     rows = np.stack([np.zeros(n, dtype=np.int64), np.arange(n, dtype=np.int64)], axis=1)
-    return CellTable(ids, columns, [path], rows, layer)
+    return CellTable(ids, columns, [source], rows, layer)
 
 
-def table_from_shards(shard_dir: str | Path) -> CellTable:
-    """The cells of a shard directory, each linked to its row in the recorded input file."""
+def table_from_shards(shard_dir: str | Path, anndata: Sequence = ()) -> CellTable:
+    """The cells of a shard directory, each linked to its row in the recorded input file.
+
+    `anndata`: the AnnData objects held in memory that the shards were tokenized from, in the
+    order they were given to the tokenizer (their counts cannot be read back from a file).
+    """
     from cellrank_fm.shards import ShardSet
 
     shards = ShardSet(shard_dir)
+    held = dict(zip(in_memory_names(len(anndata)), anndata))
     cell_ids = [str(x) for x in shards.column("cell_id")]
     sources = [str(x) for x in shards.column("source")]
     meta = list(shards.manifest.get("metadata_columns", []))
@@ -94,7 +112,7 @@ def table_from_shards(shard_dir: str | Path) -> CellTable:
     for i, s in enumerate(sources):
         by_source.setdefault(s, []).append(i)
     for source, idx in by_source.items():
-        path = _resolve_source(source, Path(shard_dir), shards.manifest)
+        path = held[source] if source in held else _resolve_source(source, Path(shard_dir), shards.manifest)
         with _open(path, layer) as reader:
             names = _ids_and_columns(reader, with_columns=False)[0]
         # Repeated obs names are matched in order of occurrence, as the tokenizer wrote them.
@@ -110,8 +128,8 @@ def table_from_shards(shard_dir: str | Path) -> CellTable:
             j = used.get(cid, 0)
             if not hits or j >= len(hits):
                 raise UserError(
-                    f"cell {cid!r} of the shards is not in {path}; the input file changed since "
-                    f"tokenizing — pass the input file itself to the baseline instead."
+                    f"cell {cid!r} of the shards is not in {_describe(path)}; the input changed since "
+                    f"tokenizing — pass the input itself to the baseline instead."
                 )
             used[cid] = j + 1
             rows[i] = (k, hits[j])
@@ -145,7 +163,8 @@ def _resolve_source(source: str, shard_dir: Path, manifest: dict) -> Path:
         if rec.get("in_memory") and p.name == source:
             raise UserError(
                 "the shards were tokenized from an AnnData held in memory, so the baseline cannot read its "
-                "counts back; write it to .h5ad and pass that file to the baseline."
+                "counts back from a file; pass that AnnData too (adata= in cfm.baseline, baseline= in "
+                "cfm.finetune), or write it to .h5ad and pass that file to the baseline."
             )
         if p.name == Path(source).name:
             candidates.append(p)
@@ -159,11 +178,13 @@ def _resolve_source(source: str, shard_dir: Path, manifest: dict) -> Path:
     )
 
 
-def load_table(path: str | Path) -> CellTable:
-    """A shard directory (has manifest.json) or an input file any reader understands."""
-    path = Path(path)
+def load_table(data, anndata: Sequence = ()) -> CellTable:
+    """A shard directory (has manifest.json), an input file any reader understands, or an AnnData."""
+    if is_anndata(data):
+        return table_from_file(data)
+    path = Path(data)
     if path.is_dir():
-        return table_from_shards(path)
+        return table_from_shards(path, anndata)
     if not path.exists():
         raise UserError(f"{path} does not exist; pass a shard directory or an input file (.h5ad, ...).")
     return table_from_file(path)
@@ -195,7 +216,7 @@ def iter_normalised(table: CellTable, cells: np.ndarray) -> Iterator[tuple[np.nd
                                    chunk.indptr - chunk.indptr[0]),
                                   shape=(chunk.n_rows, len(var_names)))[file_rows[lo:hi] - start]
                 if x.nnz and (np.isnan(x.data).any() or x.data.min() < 0):
-                    raise UserError(f"{path} has negative or NaN counts; the baseline needs raw counts.")
+                    raise UserError(f"{_describe(path)} has negative or NaN counts; the baseline needs raw counts.")
                 total = np.asarray(x.sum(axis=1)).ravel()
                 scale = np.divide(1e4, total, out=np.zeros_like(total), where=total > 0)
                 yield mine[lo:hi], sp.diags(scale) @ x, var_names

@@ -416,12 +416,16 @@ def input_sources(inputs, layer: str | None = None, orientation: str = "auto",
     out = []
     for path in expand_inputs(paths) if paths else []:
         out.append((path, lambda path=path: open_input(path, layer, orientation, is_gene), False))
-    for k, adata in enumerate(in_memory):
-        name = Path("AnnData" if len(in_memory) == 1 else f"AnnData-{k + 1}")
-        out.append((name, lambda adata=adata: AnnDataReader(adata, layer), True))
+    for name, adata in zip(in_memory_names(len(in_memory)), in_memory):
+        out.append((Path(name), lambda adata=adata: AnnDataReader(adata, layer), True))
     if not out:
         raise UserError("no input given; pass files, directories or AnnData objects")
     return out
+
+
+def in_memory_names(n: int) -> list[str]:
+    """The names shards record as the `source` of AnnData objects held in memory, in order."""
+    return ["AnnData"] if n == 1 else [f"AnnData-{k + 1}" for k in range(n)]
 
 
 def is_anndata(obj) -> bool:
