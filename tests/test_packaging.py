@@ -176,8 +176,8 @@ def test_sdist_carries_the_sources_and_nothing_else(sdist):
     assert sdist.name == f"cellrank_fm-{cargo_version()}.tar.gz"
     assert {"Cargo.toml", "Cargo.lock", "pyproject.toml", "README.md", "rust/lib.rs",
             "python/cellrank_fm/_core.pyi", "python/cellrank_fm/py.typed", "python/cellrank_fm/cli/app.py"} <= names
-    assert {n.split("/")[0] for n in names} == {"Cargo.toml", "Cargo.lock", "pyproject.toml", "README.md", "PKG-INFO",
-                                                "rust", "python"}
+    assert {n.split("/")[0] for n in names} == {"Cargo.toml", "Cargo.lock", "pyproject.toml", "README.md", "LICENSE",
+                                                "PKG-INFO", "rust", "python"}
     assert not [n for n in names if "__pycache__" in n or n.endswith((".so", ".pyc"))]
 
 
@@ -260,6 +260,7 @@ def test_wheel_holds_the_package_typed_and_nothing_else(wheel):
     assert not [n for n in names if re.search(r"(^|/)(tests|benches|target|scripts)/|__pycache__|\.pyc$", n)]
     assert f"\nVersion: {cargo_version()}\n" in metadata and "\nName: cellrank-fm\n" in metadata
     assert "\nRequires-Python: >=3.10\n" in metadata
+    assert "\nLicense-Expression: Apache-2.0\n" in metadata and f"{dist_info}/licenses/LICENSE" in names
     assert re.search(r"^cellrank ?= ?cellrank_fm\.cli:main$", entry_points, re.M), entry_points
     if core.endswith(".so"):
         import io
