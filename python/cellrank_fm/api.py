@@ -322,9 +322,8 @@ def finetune(
     if label is None:
         raise UserError("cell classification needs --label COLUMN (a metadata column kept in the shards).")
     opts = FinetuneOptions(label=label, from_model=source, preset=preset, quiet=not progress, **options)
-    held = [] if isinstance(baseline, bool) else [baseline] if is_anndata(baseline) else list(baseline)
-    result = finetune_cells(shards, out, opts, with_baseline=bool(held) or baseline is True, resume=resume,
-                            overwrite=overwrite, baseline_anndata=held)
+    result = finetune_cells(shards, out, opts, with_baseline=baseline is not False, resume=resume, overwrite=overwrite,
+                            baseline_adata=() if isinstance(baseline, bool) else baseline)
     return TrainedModel(Path(out), result, device=opts.device)
 
 
@@ -358,8 +357,7 @@ def baseline(
     """
     from cellrank_fm.baseline import load_table, run_baseline
 
-    held = [adata] if is_anndata(adata) else list(adata)
-    return run_baseline(data, label, table=load_table(data, held), n_top_genes=n_top_genes, class_weight=class_weight,
+    return run_baseline(data, label, table=load_table(data, adata), n_top_genes=n_top_genes, class_weight=class_weight,
                         seed=seed, split_by=split_by, split_column=split_column, validation_fraction=validation_fraction,
                         test_fraction=test_fraction, min_class_size=min_class_size)
 

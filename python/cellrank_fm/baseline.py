@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import scipy.sparse as sp
@@ -49,6 +49,7 @@ class CellTable:
 def _open(source, layer: str | None = None):
     """A reader over an input file, or over an AnnData object held in memory."""
     from cellrank_fm.readers import AnnDataReader, open_input
+
     if is_anndata(source):
         if not source.isbacked:
             return AnnDataReader(source, layer)
@@ -60,8 +61,9 @@ def _open(source, layer: str | None = None):
 
 
 def _describe(source) -> str:
-    return "the AnnData object" if is_anndata(source) and not source.isbacked else str(
-        source.filename if is_anndata(source) else source)
+    if is_anndata(source):
+        return str(source.filename) if source.isbacked else "the AnnData object"
+    return str(source)
 
 
 def _ids_and_columns(reader, with_columns: bool = True) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -91,16 +93,17 @@ def table_from_file(source, layer: str | None = None) -> CellTable:
     return CellTable(ids, columns, [source], rows, layer)
 
 
-def table_from_shards(shard_dir: str | Path, anndata: Sequence = ()) -> CellTable:
+def table_from_shards(shard_dir: str | Path, adata: Any = ()) -> CellTable:
     """The cells of a shard directory, each linked to its row in the recorded input file.
 
-    `anndata`: the AnnData objects held in memory that the shards were tokenized from, in the
-    order they were given to the tokenizer (their counts cannot be read back from a file).
+    `adata`: the AnnData held in memory that the shards were tokenized from (or the list of
+    them, in the order the tokenizer was given them): their counts have no file to be read from.
     """
     from cellrank_fm.shards import ShardSet
 
     shards = ShardSet(shard_dir)
-    held = dict(zip(in_memory_names(len(anndata)), anndata))
+    adata = [adata] if is_anndata(adata) else list(adata)
+    held = dict(zip(in_memory_names(len(adata)), adata))
     cell_ids = [str(x) for x in shards.column("cell_id")]
     sources = [str(x) for x in shards.column("source")]
     meta = list(shards.manifest.get("metadata_columns", []))
@@ -178,13 +181,13 @@ def _resolve_source(source: str, shard_dir: Path, manifest: dict) -> Path:
     )
 
 
-def load_table(data, anndata: Sequence = ()) -> CellTable:
+def load_table(data, adata: Any = ()) -> CellTable:
     """A shard directory (has manifest.json), an input file any reader understands, or an AnnData."""
     if is_anndata(data):
         return table_from_file(data)
     path = Path(data)
     if path.is_dir():
-        return table_from_shards(path, anndata)
+        return table_from_shards(path, adata)
     if not path.exists():
         raise UserError(f"{path} does not exist; pass a shard directory or an input file (.h5ad, ...).")
     return table_from_file(path)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -345,10 +345,10 @@ def class_weights_for(codes: np.ndarray, n_classes: int) -> torch.Tensor:
 
 def finetune_cells(shard_dir: str | Path, out: str | Path, opts: FinetuneOptions,
                    with_baseline: bool = False, *, resume: bool = False, overwrite: bool = False,
-                   baseline_anndata: Sequence = ()) -> dict:
+                   baseline_adata: Any = ()) -> dict:
     """Fine-tune a cell classifier; write the model directory and reports to `out`.
 
-    `baseline_anndata`: the in-memory AnnData objects the shards came from, for the baseline.
+    `baseline_adata`: the AnnData held in memory that the shards came from (or a list), for the baseline.
 
     The run builds `out` beside it (`cellrank_fm.outputs.partial_directory`), checkpointed at
     every evaluation; `resume=True` continues an interrupted run to the same result.
@@ -432,7 +432,7 @@ def finetune_cells(shard_dir: str | Path, out: str | Path, opts: FinetuneOptions
             from cellrank_fm.baseline import run_baseline, table_from_shards, token_probe
 
             say("fitting the baseline and the token probe on the same split ...")
-            baseline = run_baseline(shard_dir, opts.label, split=split, table=table_from_shards(shard_dir, baseline_anndata),
+            baseline = run_baseline(shard_dir, opts.label, split=split, table=table_from_shards(shard_dir, baseline_adata),
                                     seed=opts.seed, class_weight=opts.class_weight)
             baseline.pop("messages", None)
             metrics["baseline"] = {k: baseline[k] for k in ("accuracy", "macro_f1", "per_class", "genes", "C")}
