@@ -197,3 +197,94 @@ def test_dispatch_errors_and_directory_order(tmp_path, counts):
     for name in ("b.csv", "a.csv", "notes.md"):
         (d / name).write_text("x")
     assert [p.name for p in expand_inputs([d])] == ["a.csv", "b.csv"]
+
+
+def _soma_experiment(path, adata):
+    tiledbsoma_io = pytest.importorskip("tiledbsoma.io")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tiledbsoma's own deprecation notices
+        tiledbsoma_io.from_anndata(str(path), adata, measurement_name="RNA")
+    return path
+
+
+def test_tiledb_soma_experiment(tmp_path, counts):
+    import anndata as ad
+    import pandas as pd
+
+    obs = pd.DataFrame({"kind": pd.Categorical(["a", "b"] * 11 + ["a"]), "n": np.arange(N_CELLS)}, index=CELLS)
+    var = pd.DataFrame({"symbol": [f"G{i}" for i in range(N_GENES)]}, index=GENES)
+    exp = _soma_experiment(tmp_path / "corpus" / "exp", ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var))
+    with open_input(exp) as reader:
+        assert reader.kind == "soma" and reader.var_names == GENES
+        assert reader.var_column("symbol")[3] == "G3" and set(reader.obs_columns()) == {"kind", "n"}
+        dense, ids, meta = _collect(reader, chunk_rows=7, obs=("kind", "n"))
+        assert list(reader.obs_column("n", 20, 23)) == [20, 21, 22]
+        with pytest.raises(UserError, match="no cell column 'label'"):
+            reader.read(0, 3, ["label"])
+    np.testing.assert_array_equal(dense, counts)
+    assert ids == CELLS and meta["kind"] == list(obs["kind"]) and meta["n"] == list(range(N_CELLS))
+    with pytest.raises(UserError, match=r"no X layer 'counts' \(layers: data\)"):
+        open_input(exp, layer="counts")
+    # An experiment is one input, not a directory to search for files.
+    ad.AnnData(X=sp.csr_matrix(counts)).write_h5ad(tmp_path / "corpus" / "more.h5ad")
+    assert [p.name for p in expand_inputs([tmp_path / "corpus"])] == ["exp", "more.h5ad"]
+    assert expand_inputs([exp]) == [exp]
+    from cellrank_fm.inference import open_h5ad
+
+    with pytest.raises(UserError, match=r"exp is not an .h5ad file; .*\(tiledbsoma.io.to_h5ad for a TileDB-SOMA"):
+        open_h5ad(exp)  # what predict, embed and explain read
+    # Damage, and a missing tiledbsoma, end in one sentence naming the experiment.
+    fragments = sorted((exp / "ms" / "RNA" / "X" / "data").rglob("__fragment_metadata.tdb"))
+    for f in fragments:
+        f.write_bytes(f.read_bytes()[:10] + b"\xff" * 50)
+    with pytest.raises(UserError, match=r"exp could not be read.*; the file may be damaged"):
+        with open_input(exp) as reader:
+            reader.read(0, 7)
+    import shutil
+    import sys
+
+    shutil.rmtree(exp / "ms" / "RNA" / "var")
+    with pytest.raises(UserError, match="exp could not be read"):
+        open_input(exp)
+    sys.modules["tiledbsoma"] = None  # what importing an uninstalled package does
+    try:
+        with pytest.raises(UserError, match=r"TileDB-SOMA experiment; reading it needs tiledbsoma \(pip install"):
+            open_input(exp)
+    finally:
+        del sys.modules["tiledbsoma"]
+
+
+def test_tokenize_reads_a_soma_experiment_as_its_h5ad(tmp_path, shared_data):
+    """`cellrank tokenize` on a SOMA experiment writes the shards of the same cells' .h5ad."""
+    import anndata as ad
+    import pandas as pd
+
+    from cellrank_fm.shards import ShardSet
+    from cli_helpers import run
+
+    full = ad.read_h5ad(shared_data / "sc" / "kang2017_pbmc_ifnb_2k.h5ad")
+    cells = full[::7].copy()
+    cells.write_h5ad(tmp_path / "kang.h5ad")
+    exp = _soma_experiment(tmp_path / "kang_soma", cells)
+    gf = shared_data / "geneformer"
+    common = ["--vocab", gf / "token_dictionary_gc30M.pkl", "--medians", gf / "gene_median_dictionary_gc30M.pkl",
+              "--gene-id-column", "ensembl_id", "--keep-obs", "condition", "--quiet"]
+    run(["tokenize", tmp_path / "kang.h5ad", "--out", tmp_path / "from_h5ad", *common])
+    run(["tokenize", exp, "--out", tmp_path / "from_soma", *common])
+    a, b = ShardSet(tmp_path / "from_h5ad"), ShardSet(tmp_path / "from_soma")
+    assert len(a) == len(b) == cells.n_obs
+    assert [list(x) for x in a.column("input_ids")] == [list(x) for x in b.column("input_ids")]
+    assert list(a.column("cell_id")) == list(b.column("cell_id")) and list(b.column("source")) == ["kang_soma"] * len(b)
+    assert list(pd.Series(b.column("condition"))) == list(cells.obs["condition"])
+    # Rerunning onto the finished shards with --resume finds the input unchanged.
+    run(["tokenize", exp, "--out", tmp_path / "from_soma", "--resume", *common])
+    from cellrank_fm.medians import compute_medians
+
+    kw = dict(gene_id_column="ensembl_id", quiet=True)
+    assert compute_medians([exp], None, **kw) == compute_medians([tmp_path / "kang.h5ad"], None, **kw)
+    # The baseline reads the experiment's counts, given directly or behind its shards.
+    import cellrank_fm as cfm
+
+    for data, same in ((exp, tmp_path / "kang.h5ad"), (tmp_path / "from_soma", tmp_path / "from_h5ad")):
+        got, want = (cfm.baseline(x, label="condition", n_top_genes=200) for x in (data, same))
+        assert got["split"] == want["split"] and got["confusion_matrix"] == want["confusion_matrix"]

@@ -118,7 +118,8 @@ def tokenize(
 
     Args:
         data: AnnData objects (in memory or backed), input files (.h5ad, .loom, 10x .h5,
-            .csv/.tsv/.parquet) or directories, or a list of them — all become one shard set.
+            .csv/.tsv/.parquet) or directories (Matrix Market, TileDB-SOMA experiment, or a
+            folder of inputs), or a list of them — all become one shard set.
         out: the shard directory to write.
         vocab, medians: token dictionary and gene medians (paths, e.g. Geneformer's .pkl, or dicts).
         gene_map: symbol/alias/old-ID -> Ensembl ID tables.

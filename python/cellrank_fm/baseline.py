@@ -182,11 +182,13 @@ def _resolve_source(source: str, shard_dir: Path, manifest: dict) -> Path:
 
 
 def load_table(data, adata: Any = ()) -> CellTable:
-    """A shard directory (has manifest.json), an input file any reader understands, or an AnnData."""
+    """A shard directory (has manifest.json), an input any reader understands, or an AnnData."""
+    from cellrank_fm.readers import is_directory_input
+
     if is_anndata(data):
         return table_from_file(data)
     path = Path(data)
-    if path.is_dir():
+    if path.is_dir() and not is_directory_input(path):
         return table_from_shards(path, adata)
     if not path.exists():
         raise UserError(f"{path} does not exist; pass a shard directory or an input file (.h5ad, ...).")

@@ -358,10 +358,11 @@ def open_h5ad(path: PathLike) -> anndata.AnnData:
     import anndata as ad
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"input {path} does not exist.")
-    if path.suffix != ".h5ad":
-        raise UserError(f"{path} is not an .h5ad file; convert it to AnnData (h5ad) first.")
+    if path.suffix != ".h5ad" or not path.is_file():
+        raise UserError(f"{path} is not an .h5ad file; convert it to AnnData (h5ad) first"
+                        f"{' (tiledbsoma.io.to_h5ad for a TileDB-SOMA experiment)' if path.is_dir() else ''}.")
     try:
         return ad.read_h5ad(path, backed="r")
     except Exception as err:  # noqa: BLE001 - any reading failure is the file's fault

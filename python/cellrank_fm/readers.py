@@ -2,8 +2,9 @@
 
 Formats: `.h5ad` (CSR or dense `X`, read with h5py one row range at a time), `.loom`, 10x
 Cell Ranger `.h5` (v3 `matrix/` group or v2 per-genome groups), Matrix Market directories
-(`matrix.mtx[.gz]` + `features.tsv[.gz]`/`genes.tsv[.gz]` + `barcodes.tsv[.gz]`), and bulk
-tables (`.csv`, `.tsv`, `.parquet`, optionally gzipped; samples x genes or genes x samples).
+(`matrix.mtx[.gz]` + `features.tsv[.gz]`/`genes.tsv[.gz]` + `barcodes.tsv[.gz]`), TileDB-SOMA
+experiments on disk (e.g. CELLxGENE Census extracts; needs `tiledbsoma`), and bulk tables
+(`.csv`, `.tsv`, `.parquet`, optionally gzipped; samples x genes or genes x samples).
 
 Memory is bounded by the chunk, not the file, except for bulk tables (read whole: they hold
 samples, not millions of cells) and Matrix Market files whose entries are not grouped by cell
@@ -830,6 +831,125 @@ class AnnDataReader(MatrixReader):
         return Chunk(start, indptr, indices, data, cells, meta)
 
 
+class SomaReader(MatrixReader):
+    """A TileDB-SOMA experiment directory: one measurement's X layer, cells in row chunks.
+
+    Cells are the experiment's obs rows in `soma_joinid` order, named by `obs_id` (what
+    `tiledbsoma.io.from_anndata` writes) or else by their joinid; genes are the measurement's
+    var rows, named by `feature_id` (CELLxGENE Census: Ensembl IDs) or `var_id`. The layer is
+    `layer=` if given, else `raw` (the Census's raw counts) where present, else the only one.
+    """
+
+    kind = "soma"
+
+    def __init__(self, path: Path, layer: str | None = None):
+        try:
+            import tiledbsoma
+        except ImportError:
+            raise UserError(f"{path} is a TileDB-SOMA experiment; reading it needs tiledbsoma "
+                            "(pip install tiledbsoma)") from None
+        self.path = path
+        self.errors = (tiledbsoma.SOMAError, *FILE_ERRORS)  # what a damaged experiment raises
+        try:
+            self.exp = tiledbsoma.Experiment.open(str(path))
+        except self.errors as err:
+            raise unreadable(path, err) from None
+        try:
+            names = list(self.exp.ms.keys())
+            if "RNA" not in names and len(names) != 1:
+                raise UserError(f"{path} has no measurement 'RNA' and several others ({', '.join(names)})")
+            ms = self.exp.ms["RNA" if "RNA" in names else names[0]]
+            layers = list(ms.X.keys())
+            if layer in (None, "X"):
+                layer = "raw" if "raw" in layers else layers[0] if len(layers) == 1 else None
+                if layer is None:
+                    raise UserError(f"{path} has X layers {', '.join(layers)} and none called 'raw'; "
+                                    "name the one holding raw counts with --layer")
+            elif layer not in layers:
+                raise UserError(f"{path} has no X layer {layer!r} (layers: {', '.join(layers)})")
+            self.X = ms.X[layer]
+            var = ms.var.read().concat().to_pandas().sort_values("soma_joinid")
+            self.var_joinids = var.pop("soma_joinid").to_numpy()
+            # joinid -> column, by lookup: a chunk holds millions of stored values
+            self.var_position = np.full(int(self.var_joinids.max(initial=-1)) + 1, -1, dtype=np.int64)
+            self.var_position[self.var_joinids] = np.arange(len(self.var_joinids))
+            self.var = var.reset_index(drop=True)
+            key = next((c for c in ("feature_id", "var_id") if c in self.var.columns), None)
+            self.var_names = [str(v) for v in self.var[key]] if key else [str(j) for j in self.var_joinids]
+            self.obs_names = [c for c in self.exp.obs.schema.names if c != "soma_joinid"]
+            self.obs_joinids = np.sort(self.exp.obs.read(column_names=["soma_joinid"]).concat()
+                                       .column("soma_joinid").to_numpy())
+        except BaseException as err:
+            self.exp.close()
+            if isinstance(err, self.errors) and not isinstance(err, UserError):
+                raise unreadable(path, err) from None
+            raise
+        self.n_rows, self.n_cols = len(self.obs_joinids), len(self.var_joinids)
+
+    def var_columns(self) -> list[str]:
+        return [str(c) for c in self.var.columns]
+
+    def var_column(self, name: str) -> list[str]:
+        if name not in self.var.columns:
+            raise UserError(self._missing_var(name))
+        return ["" if v is None or v != v else str(v) for v in self.var[name].tolist()]
+
+    def obs_columns(self) -> list[str]:
+        return [c for c in self.obs_names if c != "obs_id"]
+
+    def obs_column(self, name: str, start: int, stop: int):
+        try:
+            return self._obs(start, stop, [name])[1][name]
+        except UserError:
+            raise
+        except self.errors as err:
+            raise unreadable(self.path, err) from None
+
+    def _coords(self, start: int, stop: int):
+        ids = self.obs_joinids[start:stop]
+        # A run of consecutive joinids is one range read (SOMA slices include both ends).
+        return ids, (slice(int(ids[0]), int(ids[-1])) if ids[-1] - ids[0] == len(ids) - 1 else ids)
+
+    def _obs(self, start: int, stop: int, names: Sequence[str]) -> tuple[list[str], dict]:
+        for name in names:
+            if name not in self.obs_columns():
+                raise UserError(self._missing_obs(name))
+        ids, coords = self._coords(start, stop)
+        columns = ["soma_joinid", *(["obs_id"] if "obs_id" in self.obs_names else []), *names]
+        frame = (self.exp.obs.read(coords=(coords,), column_names=list(dict.fromkeys(columns))).concat()
+                 .to_pandas().set_index("soma_joinid").loc[ids])
+        cells = [str(c) for c in (frame["obs_id"] if "obs_id" in frame else ids)]
+        return cells, {n: frame[n].to_numpy() for n in names}
+
+    def _read(self, start, stop, obs):
+        try:
+            return self._read_rows(start, stop, obs)
+        except UserError:
+            raise
+        except self.errors as err:
+            raise unreadable(self.path, err, f" at rows {start}-{stop}") from None
+
+    def _read_rows(self, start, stop, obs):
+        if stop <= start:
+            return Chunk(start, np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0), [], {})
+        ids, coords = self._coords(start, stop)
+        table = self.X.read(coords=(coords,)).tables().concat()
+        dim0 = table.column("soma_dim_0").to_numpy()
+        rows = dim0 - ids[0] if isinstance(coords, slice) else np.searchsorted(ids, dim0)
+        cols = self.var_position[table.column("soma_dim_1").to_numpy()]
+        data = table.column("soma_data").to_numpy()
+        if len(rows) > 1 and (rows[1:] < rows[:-1]).any():  # not row by row (asking for it costs more)
+            # A chunk's rows fit 16 bits, where NumPy's stable sort is a radix sort.
+            order = np.argsort(rows.astype(np.uint16) if len(ids) <= 65536 else rows, kind="stable")
+            rows, cols, data = rows[order], cols[order], data[order]
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(ids)))]).astype(np.int64)
+        cells, meta = self._obs(start, stop, obs)
+        return Chunk(start, indptr, cols, data, cells, meta)
+
+    def close(self):
+        self.exp.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # Dispatch.
 
@@ -841,17 +961,30 @@ def _is_mtx_dir(path: Path) -> bool:
     return path.is_dir() and _find(path, ["matrix.mtx"]) is not None
 
 
+def _is_soma_dir(path: Path) -> bool:
+    """A TileDB-SOMA experiment: a TileDB group holding `obs` and `ms`."""
+    return (path / "__tiledb_group.tdb").is_file() and (path / "obs").is_dir() and (path / "ms").is_dir()
+
+
+def is_directory_input(path: Path) -> bool:
+    """A directory that is one input (Matrix Market, SOMA experiment), not a folder of them."""
+    return _is_mtx_dir(path) or _is_soma_dir(path)
+
+
 def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
-    """Files and Matrix Market directories to read, in sorted order; directories are expanded."""
+    """Files, Matrix Market directories and SOMA experiments to read, in sorted order; other
+    directories are expanded."""
     out: list[Path] = []
     for raw in paths:
         p = Path(raw)
         if not p.exists():
             raise UserError(f"input {p} does not exist")
-        if p.is_dir() and not _is_mtx_dir(p):
-            found = [c for c in p.iterdir() if (c.is_file() and c.name.lower().endswith(SUFFIXES)) or _is_mtx_dir(c)]
+        if p.is_dir() and not is_directory_input(p):
+            found = [c for c in p.iterdir()
+                     if (c.is_file() and c.name.lower().endswith(SUFFIXES)) or is_directory_input(c)]
             if not found:
-                raise UserError(f"directory {p} holds no input file ({', '.join(SUFFIXES[:4])}, tables or matrix.mtx)")
+                raise UserError(f"directory {p} holds no input file ({', '.join(SUFFIXES[:4])}, tables, matrix.mtx "
+                                "or a TileDB-SOMA experiment)")
             out.extend(found)
         else:
             out.append(p)
@@ -860,7 +993,7 @@ def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
 
 def open_input(path: str | Path, layer: str | None = None, orientation: str = "auto",
                is_gene: Callable[[str], bool] | None = None) -> MatrixReader:
-    """A reader for one input file or Matrix Market directory, its shape checked."""
+    """A reader for one input file, Matrix Market directory or SOMA experiment, its shape checked."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"input {path} does not exist")
@@ -881,6 +1014,8 @@ def _open(path: Path, layer, orientation, is_gene) -> MatrixReader:
     name = path.name.lower()
     if _is_mtx_dir(path):
         return MtxReader(path)
+    if _is_soma_dir(path):
+        return SomaReader(path, layer)
     if name.endswith((".mtx", ".mtx.gz")):
         return MtxReader(path.parent)
     if name.endswith(".h5ad"):
@@ -893,5 +1028,5 @@ def _open(path: Path, layer, orientation, is_gene) -> MatrixReader:
         return TableReader(path, orientation, is_gene)
     raise UserError(
         f"{path} has an unknown format; cellrank reads .h5ad, .loom, 10x .h5, Matrix Market "
-        "directories and .csv/.tsv/.parquet tables"
+        "directories, TileDB-SOMA experiments and .csv/.tsv/.parquet tables"
     )

@@ -268,7 +268,7 @@ def _model_tokens(settings_version: str, vocabulary: Mapping[str, int]) -> tuple
 
 
 def _fingerprint(path: Path, full_hash: bool = True) -> dict:
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]  # SOMA: nested
     size = sum(p.stat().st_size for p in files)
     out: dict[str, Any] = {"path": str(path), "bytes": size}
     if full_hash:

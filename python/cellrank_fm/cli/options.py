@@ -32,7 +32,7 @@ InferenceTokens = Annotated[int, typer.Option("--tokens-per-batch", help="Token 
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model's encoder (faster on GPU for large inputs, after a warm-up).", rich_help_panel=RUN)]
 
 # ---- inputs
-Inputs = Annotated[List[Path], typer.Argument(help="Input files (.h5ad, .loom, 10x .h5, .csv/.tsv/.parquet) or directories (Matrix Market, or a folder of inputs).", show_default=False)]
+Inputs = Annotated[List[Path], typer.Argument(help="Input files (.h5ad, .loom, 10x .h5, .csv/.tsv/.parquet) or directories (Matrix Market, TileDB-SOMA experiment, or a folder of inputs).", show_default=False)]
 Shards = Annotated[Path, typer.Argument(help="Token shard directory from `cellrank tokenize`.", show_default=False)]
 Cells = Annotated[Path, typer.Argument(help="Cells: an input file (.h5ad, ...) tokenized with the model's vocabulary, or a token shard directory.", show_default=False)]
 H5adCells = Annotated[Path, typer.Argument(help="Cells (.h5ad, raw counts).", show_default=False)]
